@@ -1,0 +1,451 @@
+//! Developers, API keys and tokens: who may connect, and as what.
+//!
+//! Owns the developer table (keys kept only as SHA-256 digests), the token signing secret,
+//! token minting (JWT, HS256) and single-use redemption. Produces a [`Principal`] for the
+//! connection layer. Imports nothing above it: no sockets, no hub, no store. The only files it
+//! touches are its own two in the data directory (the secret and the demo developer).
+
+use dashmap::DashMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::DeveloperConfig;
+
+/// File in the data directory holding the generated token secret.
+pub const SECRET_FILE: &str = "token_secret";
+/// File in the data directory holding the demo developer made on first run.
+pub const DEMO_FILE: &str = "demo-developer.toml";
+
+/// What a connection is allowed to do; the IDENTIFY `type` must agree with the token's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// IDENTIFY type 0: a user's app that SUBMITs readings.
+    User,
+    /// IDENTIFY type 1: a developer's backend that receives DISPATCH and may REPLAY.
+    Developer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Developer => "developer",
+        }
+    }
+}
+
+/// An authenticated identity, as the rest of the server sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub role: Role,
+    pub developer: Arc<str>,
+    /// The user id for [`Role::User`]; empty for developers.
+    pub user: Arc<str>,
+}
+
+/// Why a credential or token was refused. HTTP maps these to 400/403, IDENTIFY to close 4001.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("missing credentials")]
+    MissingCredentials,
+    #[error("missing user id")]
+    MissingUser,
+    #[error("invalid user id")]
+    InvalidUser,
+    #[error("unknown developer or wrong api key")]
+    BadCredentials,
+    #[error("token invalid: {0:?}")]
+    InvalidToken(jsonwebtoken::errors::ErrorKind),
+    #[error("token is for a {0}, IDENTIFY asked for another type")]
+    WrongRole(&'static str),
+    #[error("token already redeemed")]
+    Redeemed,
+    #[error("developer no longer configured")]
+    UnknownDeveloper,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    /// The user id for user tokens, the developer id for developer tokens.
+    sub: String,
+    dev: String,
+    role: Role,
+    iat: u64,
+    exp: u64,
+    jti: String,
+}
+
+/// The developer table and the token machinery. Cheap to share behind an `Arc`.
+pub struct Auth {
+    developers: HashMap<String, [u8; 32]>,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl_s: u64,
+    /// Redeemed token ids with their expiry; pruned as they expire.
+    redeemed: DashMap<String, u64>,
+    next_prune: AtomicU64,
+}
+
+impl Auth {
+    pub fn new(developers: &[DeveloperConfig], secret: &[u8], ttl_s: u64) -> Self {
+        let developers = developers
+            .iter()
+            .map(|d| {
+                let digest = match (&d.api_key, &d.api_key_sha256) {
+                    (Some(key), _) => sha256(key.as_bytes()),
+                    (None, Some(hex)) => decode_hex32(hex).unwrap_or([0; 32]),
+                    (None, None) => [0; 32],
+                };
+                (d.id.clone(), digest)
+            })
+            .collect();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            developers,
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+            ttl_s,
+            redeemed: DashMap::new(),
+            next_prune: AtomicU64::new(0),
+        }
+    }
+
+    /// Checks a developer's API key in constant time (with respect to the key's content).
+    pub fn check_key(&self, developer: &str, api_key: &str) -> Result<(), AuthError> {
+        let expected = self
+            .developers
+            .get(developer)
+            .ok_or(AuthError::BadCredentials)?;
+        let given = sha256(api_key.as_bytes());
+        let diff = expected
+            .iter()
+            .zip(given.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(AuthError::BadCredentials)
+        }
+    }
+
+    /// Mints a single-use token. `user` is required for [`Role::User`].
+    pub fn mint(
+        &self,
+        developer: &str,
+        role: Role,
+        user: Option<&str>,
+    ) -> Result<String, AuthError> {
+        if !self.developers.contains_key(developer) {
+            return Err(AuthError::UnknownDeveloper);
+        }
+        let sub = match role {
+            Role::User => {
+                let user = user.ok_or(AuthError::MissingUser)?;
+                if !valid_user_id(user) {
+                    return Err(AuthError::InvalidUser);
+                }
+                user.to_owned()
+            }
+            Role::Developer => developer.to_owned(),
+        };
+        let now = unix_now();
+        let claims = Claims {
+            sub,
+            dev: developer.to_owned(),
+            role,
+            iat: now,
+            exp: now + self.ttl_s,
+            jti: random_hex(16),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| AuthError::InvalidToken(e.into_kind()))
+    }
+
+    /// Verifies a token for IDENTIFY and burns it: a second redemption of the same token fails
+    /// until it would have expired anyway.
+    pub fn redeem(&self, token: &str, role: Role) -> Result<Principal, AuthError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| AuthError::InvalidToken(e.into_kind()))?;
+        let claims = data.claims;
+        if claims.role != role {
+            return Err(AuthError::WrongRole(claims.role.as_str()));
+        }
+        if !self.developers.contains_key(&claims.dev) {
+            return Err(AuthError::UnknownDeveloper);
+        }
+        let now = unix_now();
+        self.prune(now);
+        match self.redeemed.entry(claims.jti) {
+            dashmap::Entry::Occupied(_) => return Err(AuthError::Redeemed),
+            dashmap::Entry::Vacant(v) => {
+                v.insert(claims.exp);
+            }
+        }
+        let user: Arc<str> = match role {
+            Role::User => claims.sub.into(),
+            Role::Developer => Arc::from(""),
+        };
+        Ok(Principal {
+            role,
+            developer: claims.dev.into(),
+            user,
+        })
+    }
+
+    /// The configured developer ids.
+    pub fn developer_ids(&self) -> impl Iterator<Item = &str> {
+        self.developers.keys().map(String::as_str)
+    }
+
+    /// Drops redeemed ids whose tokens have expired, at most once a second.
+    fn prune(&self, now: u64) {
+        let due = self.next_prune.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .next_prune
+                .compare_exchange(due, now + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.redeemed.retain(|_, exp| *exp >= now);
+    }
+}
+
+/// A user id is printable ASCII without quotes or backslashes, so it can be written into
+/// DISPATCH frames without escaping, and at most 128 bytes.
+pub fn valid_user_id(user: &str) -> bool {
+    !user.is_empty()
+        && user.len() <= 128
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+}
+
+/// Reads the token secret from the data directory, creating it (0600) on first use.
+pub fn load_or_create_secret(data_dir: &Path) -> std::io::Result<Vec<u8>> {
+    let path = data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text.trim().len() >= 32 => Ok(text.trim().as_bytes().to_vec()),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} is shorter than 32 characters", path.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = random_hex(32);
+            write_private(&path, secret.as_bytes())?;
+            Ok(secret.into_bytes())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The demo developer: read from the data directory, or created there with a random key.
+/// Returns the developer and whether it was created now.
+pub fn load_or_create_demo(data_dir: &Path) -> std::io::Result<(DeveloperConfig, bool)> {
+    let path = demo_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let dev: DeveloperConfig = toml::from_str(&text).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", path.display()),
+                )
+            })?;
+            Ok((dev, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dev = DeveloperConfig {
+                id: "demo".into(),
+                api_key: Some(random_hex(24)),
+                api_key_sha256: None,
+            };
+            let text = toml::to_string(&dev).expect("a developer always renders as TOML");
+            write_private(&path, text.as_bytes())?;
+            Ok((dev, true))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub fn demo_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DEMO_FILE)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Hex SHA-256 of an API key, for `api_key_sha256` in the config.
+pub fn api_key_digest(api_key: &str) -> String {
+    sha256(api_key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    if hex.len() != 64 {
+        return None;
+    }
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("the OS random source is available");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(ttl: u64) -> Auth {
+        let devs = vec![
+            DeveloperConfig {
+                id: "acme".into(),
+                api_key: Some("k1".into()),
+                api_key_sha256: None,
+            },
+            DeveloperConfig {
+                id: "hashed".into(),
+                api_key: None,
+                api_key_sha256: Some(api_key_digest("k2")),
+            },
+        ];
+        Auth::new(&devs, &[7u8; 32], ttl)
+    }
+
+    #[test]
+    fn keys_are_checked_in_clear_and_hashed_form() {
+        let a = auth(60);
+        assert_eq!(a.check_key("acme", "k1"), Ok(()));
+        assert_eq!(a.check_key("hashed", "k2"), Ok(()));
+        assert_eq!(a.check_key("acme", "k2"), Err(AuthError::BadCredentials));
+        assert_eq!(a.check_key("nobody", "k1"), Err(AuthError::BadCredentials));
+    }
+
+    #[test]
+    fn a_token_is_redeemed_once_for_its_role() {
+        let a = auth(60);
+        let t = a.mint("acme", Role::User, Some("u-1")).unwrap();
+        assert_eq!(
+            a.redeem(&t, Role::Developer),
+            Err(AuthError::WrongRole("user"))
+        );
+        let p = a.redeem(&t, Role::User).unwrap();
+        assert_eq!(
+            (&*p.developer, &*p.user, p.role),
+            ("acme", "u-1", Role::User)
+        );
+        assert_eq!(a.redeem(&t, Role::User), Err(AuthError::Redeemed));
+        let d = a.mint("acme", Role::Developer, None).unwrap();
+        assert_eq!(&*a.redeem(&d, Role::Developer).unwrap().developer, "acme");
+    }
+
+    #[test]
+    fn forged_expired_and_garbage_tokens_fail() {
+        let a = auth(60);
+        let other = Auth::new(
+            &[DeveloperConfig {
+                id: "acme".into(),
+                api_key: Some("k1".into()),
+                api_key_sha256: None,
+            }],
+            &[9u8; 32],
+            60,
+        );
+        let forged = other.mint("acme", Role::User, Some("u")).unwrap();
+        assert!(matches!(
+            a.redeem(&forged, Role::User),
+            Err(AuthError::InvalidToken(_))
+        ));
+        assert!(matches!(
+            a.redeem("not.a.token", Role::User),
+            Err(AuthError::InvalidToken(_))
+        ));
+        // alg=none: header {"alg":"none","typ":"JWT"}, no signature.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZGV2IjoiYWNtZSIsInJvbGUiOiJ1c2VyIiwiaWF0IjowLCJleHAiOjk5OTk5OTk5OTksImp0aSI6IngifQ.";
+        assert!(matches!(
+            a.redeem(none, Role::User),
+            Err(AuthError::InvalidToken(_))
+        ));
+        let short = auth(0);
+        let t = short.mint("acme", Role::User, Some("u")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert!(matches!(
+            short.redeem(&t, Role::User),
+            Err(AuthError::InvalidToken(_))
+        ));
+    }
+
+    #[test]
+    fn user_ids_are_checked() {
+        let a = auth(60);
+        assert_eq!(
+            a.mint("acme", Role::User, None),
+            Err(AuthError::MissingUser)
+        );
+        assert_eq!(
+            a.mint("acme", Role::User, Some("a\"b")),
+            Err(AuthError::InvalidUser)
+        );
+        assert_eq!(
+            a.mint("acme", Role::User, Some(&"x".repeat(129))),
+            Err(AuthError::InvalidUser)
+        );
+        assert_eq!(
+            a.mint("ghost", Role::Developer, None),
+            Err(AuthError::UnknownDeveloper)
+        );
+    }
+
+    #[test]
+    fn secret_and_demo_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let s1 = load_or_create_secret(dir.path()).unwrap();
+        let s2 = load_or_create_secret(dir.path()).unwrap();
+        assert_eq!(s1, s2);
+        let (d1, created) = load_or_create_demo(dir.path()).unwrap();
+        assert!(created);
+        let (d2, created) = load_or_create_demo(dir.path()).unwrap();
+        assert!(!created);
+        assert_eq!(d1, d2);
+    }
+}

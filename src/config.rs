@@ -1,0 +1,486 @@
+//! Configuration: the schema, its defaults, validation, and the three layers that feed it
+//! (TOML file < `SENSORGATE_*` environment < command-line flags).
+//!
+//! Owns every tunable number of the server. Knows nothing of sockets or the store; other
+//! modules receive a validated [`Config`] and never re-read the environment.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration could not be used. Each variant names the key at fault, because the
+/// operator reads exactly one line before the process exits with code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// When a reading may be dispatched relative to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Dispatch only after the group commit holding the reading is fsynced.
+    Strict,
+    /// Dispatch right after the append; fsync every `fast_flush_interval_ms`.
+    Fast,
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(Self::Strict),
+            "fast" => Ok(Self::Fast),
+            other => Err(format!("expected \"strict\" or \"fast\", got {other:?}")),
+        }
+    }
+}
+
+/// A tenant allowed to mint tokens. The key is given in clear or as its SHA-256 (hex), so a
+/// config file in a repository need not hold the secret itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeveloperConfig {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256: Option<String>,
+}
+
+/// The effective configuration. Field names are the TOML keys and, upper-cased with the
+/// `SENSORGATE_` prefix, the environment variables.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_grace_ms: u64,
+    pub identify_timeout_ms: u64,
+    /// Largest WebSocket message accepted, after joining fragments (close 1009 above it).
+    pub max_frame_bytes: usize,
+    pub durability: Durability,
+    pub token_ttl_s: u64,
+    pub max_consumers_per_developer: usize,
+    /// Frames queued for one consumer before it is closed with 4009.
+    pub consumer_queue_max: usize,
+    /// 0 keeps readings forever.
+    pub retention_max_age_s: u64,
+    /// 0 keeps any number of readings.
+    pub retention_max_per_stream: u64,
+    /// Accepted connections (HTTP and WebSocket) before new ones wait in the kernel backlog.
+    pub max_connections: usize,
+    /// Time for a client to send its HTTP request headers (and so its upgrade).
+    pub handshake_timeout_ms: u64,
+    /// Time SIGTERM allows for closing clients and the final commit.
+    pub shutdown_grace_ms: u64,
+    /// Fast mode: how often the background flush makes appends durable.
+    pub fast_flush_interval_ms: u64,
+    /// Readings a stream owner takes from its queue per group commit.
+    pub commit_batch_max: usize,
+    /// SUBMITs waiting for their stream's owner before producers are pushed back.
+    pub publish_queue_max: usize,
+    /// Readings sent per REPLAY read from the log before other work gets a turn.
+    pub replay_chunk: usize,
+    /// SUBMITs per second per producer connection before close 4008 (0: no limit).
+    pub submit_rate_per_s: u32,
+    /// HMAC secret for tokens; generated and kept in `data_dir` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
+    /// Log lines as JSON instead of text.
+    pub log_json: bool,
+    pub developers: Vec<DeveloperConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            heartbeat_interval_ms: 40_000,
+            heartbeat_grace_ms: 5_000,
+            identify_timeout_ms: 15_000,
+            max_frame_bytes: 65_536,
+            durability: Durability::Strict,
+            token_ttl_s: 300,
+            max_consumers_per_developer: 1,
+            consumer_queue_max: 65_536,
+            retention_max_age_s: 7 * 24 * 3600,
+            retention_max_per_stream: 0,
+            max_connections: 16_384,
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            fast_flush_interval_ms: 5,
+            commit_batch_max: 4096,
+            publish_queue_max: 8192,
+            replay_chunk: 1024,
+            submit_rate_per_s: 0,
+            token_secret: None,
+            log_json: false,
+            developers: Vec::new(),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers in charge.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub data_dir: Option<PathBuf>,
+    pub durability: Option<Durability>,
+    pub log_json: Option<bool>,
+}
+
+/// The scalar keys that the environment may set, as (key, env var).
+const ENV_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "heartbeat_interval_ms",
+    "heartbeat_grace_ms",
+    "identify_timeout_ms",
+    "max_frame_bytes",
+    "durability",
+    "token_ttl_s",
+    "max_consumers_per_developer",
+    "consumer_queue_max",
+    "retention_max_age_s",
+    "retention_max_per_stream",
+    "max_connections",
+    "handshake_timeout_ms",
+    "shutdown_grace_ms",
+    "fast_flush_interval_ms",
+    "commit_batch_max",
+    "publish_queue_max",
+    "replay_chunk",
+    "submit_rate_per_s",
+    "token_secret",
+    "log_json",
+];
+
+impl Config {
+    /// Builds the effective configuration: defaults, then `file`, then the process
+    /// environment, then `flags`; validated.
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, flags, |k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::load`] with the environment supplied, so tests need not mutate the
+    /// process's own.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        flags: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: one_line(&e.to_string()),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for key in ENV_KEYS {
+            let var = format!("SENSORGATE_{}", key.to_ascii_uppercase());
+            if let Some(raw) = env(&var) {
+                table.insert((*key).to_owned(), env_value(key, &raw));
+            }
+        }
+        let mut config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| match file {
+                    Some(path) => ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: one_line(&e.to_string()),
+                    },
+                    None => ConfigError::Env {
+                        var: "SENSORGATE_*".into(),
+                        message: one_line(&e.to_string()),
+                    },
+                })?;
+        if let Some(v) = flags.listen {
+            config.listen = v;
+        }
+        if let Some(v) = &flags.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = flags.durability {
+            config.durability = v;
+        }
+        if let Some(v) = flags.log_json {
+            config.log_json = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Rejects values that would make the server misbehave rather than fail loudly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                message: message.into(),
+            }
+        }
+        let positive: [(&'static str, u64); 12] = [
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("identify_timeout_ms", self.identify_timeout_ms),
+            ("token_ttl_s", self.token_ttl_s),
+            (
+                "max_consumers_per_developer",
+                self.max_consumers_per_developer as u64,
+            ),
+            ("consumer_queue_max", self.consumer_queue_max as u64),
+            ("max_connections", self.max_connections as u64),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("fast_flush_interval_ms", self.fast_flush_interval_ms),
+            ("commit_batch_max", self.commit_batch_max as u64),
+            ("publish_queue_max", self.publish_queue_max as u64),
+            ("replay_chunk", self.replay_chunk as u64),
+            ("shutdown_grace_ms", self.shutdown_grace_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.max_frame_bytes < 256 {
+            return Err(invalid("max_frame_bytes", "must be at least 256"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if let Some(secret) = &self.token_secret {
+            if secret.len() < 32 {
+                return Err(invalid("token_secret", "must be at least 32 characters"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for dev in &self.developers {
+            if dev.id.is_empty() || dev.id.len() > 128 || dev.id.contains(['/', ':', '\0']) {
+                return Err(invalid(
+                    "developers.id",
+                    format!(
+                        "{:?}: must be 1-128 characters without '/', ':' or NUL",
+                        dev.id
+                    ),
+                ));
+            }
+            if !seen.insert(dev.id.as_str()) {
+                return Err(invalid(
+                    "developers.id",
+                    format!("{:?} appears twice", dev.id),
+                ));
+            }
+            match (&dev.api_key, &dev.api_key_sha256) {
+                (Some(_), None) => {}
+                (None, Some(hex))
+                    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "developers.api_key_sha256",
+                        format!("developer {:?}: must be 64 hex digits", dev.id),
+                    ))
+                }
+                _ => {
+                    return Err(invalid(
+                        "developers",
+                        format!(
+                            "developer {:?}: give exactly one of api_key or api_key_sha256",
+                            dev.id
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets masked, for `sensorgate config` and the start-up log.
+    pub fn to_toml_masked(&self) -> String {
+        let mut shown = self.clone();
+        if shown.token_secret.is_some() {
+            shown.token_secret = Some("<set>".into());
+        }
+        for dev in &mut shown.developers {
+            if dev.api_key.is_some() {
+                dev.api_key = Some("<set>".into());
+            }
+        }
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// How long a connection may stay silent before close 4005.
+    pub fn heartbeat_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.heartbeat_interval_ms + self.heartbeat_interval_ms / 4 + self.heartbeat_grace_ms,
+        )
+    }
+}
+
+/// Environment values are strings; numbers and booleans are parsed so that TOML typing (and
+/// its error messages) apply to both layers alike.
+fn env_value(key: &str, raw: &str) -> toml::Value {
+    if key == "log_json" {
+        if let Ok(b) = raw.parse::<bool>() {
+            return toml::Value::Boolean(b);
+        }
+    }
+    if key.ends_with("_ms")
+        || key.ends_with("_s")
+        || key.ends_with("_max")
+        || key.ends_with("_bytes")
+        || key.ends_with("_per_s")
+        || key.starts_with("max_")
+        || key.starts_with("retention_")
+        || key == "replay_chunk"
+    {
+        if let Ok(n) = raw.parse::<i64>() {
+            return toml::Value::Integer(n);
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(
+        toml_text: &str,
+        env: &[(&str, &str)],
+        flags: Overrides,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(Some(&path), &flags, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.heartbeat_interval_ms, 40_000);
+        assert_eq!(c.identify_timeout_ms, 15_000);
+        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.durability, Durability::Strict);
+        assert_eq!(c.token_ttl_s, 300);
+        assert_eq!(c.max_consumers_per_developer, 1);
+        assert_eq!(c.heartbeat_deadline().as_millis(), 55_000);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let text = "listen = \"127.0.0.1:1000\"\ndata_dir = \"/file\"\ntoken_ttl_s = 7\n";
+        let c = load(
+            text,
+            &[
+                ("SENSORGATE_DATA_DIR", "/env"),
+                ("SENSORGATE_LISTEN", "127.0.0.1:2000"),
+            ],
+            Overrides {
+                listen: Some("127.0.0.1:3000".parse().unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 3000);
+        assert_eq!(c.data_dir, PathBuf::from("/env"));
+        assert_eq!(c.token_ttl_s, 7);
+    }
+
+    #[test]
+    fn env_numbers_are_typed() {
+        let c = load(
+            "",
+            &[
+                ("SENSORGATE_MAX_FRAME_BYTES", "1024"),
+                ("SENSORGATE_DURABILITY", "fast"),
+            ],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.max_frame_bytes, 1024);
+        assert_eq!(c.durability, Durability::Fast);
+        let err = load(
+            "",
+            &[("SENSORGATE_MAX_FRAME_BYTES", "lots")],
+            Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_frame_bytes"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = load("heartbeat_interval_ms = 0", &[], Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("heartbeat_interval_ms"), "{err}");
+        let err = load("no_such_key = 1", &[], Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("no_such_key"), "{err}");
+        let err = load("durability = \"sometimes\"", &[], Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains("durability") || err.to_string().contains("sometimes"),
+            "{err}"
+        );
+        let err = load("[[developers]]\nid = \"a\"\n", &[], Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("developers"), "{err}");
+    }
+
+    #[test]
+    fn developers_accept_a_hashed_key() {
+        let text = format!(
+            "[[developers]]\nid = \"acme\"\napi_key_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        );
+        let c = load(&text, &[], Overrides::default()).unwrap();
+        assert_eq!(c.developers[0].id, "acme");
+        let shown = c.to_toml_masked();
+        assert!(shown.contains("acme"));
+    }
+
+    #[test]
+    fn masked_output_hides_secrets_and_parses_back() {
+        let mut c = Config::default();
+        c.token_secret = Some("x".repeat(40));
+        c.developers.push(DeveloperConfig {
+            id: "d".into(),
+            api_key: Some("hunter2".into()),
+            api_key_sha256: None,
+        });
+        let shown = c.to_toml_masked();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(&"x".repeat(40)),
+            "{shown}"
+        );
+        let back: Config = toml::from_str(&shown).unwrap();
+        assert_eq!(back.developers[0].id, "d");
+    }
+}

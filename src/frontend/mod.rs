@@ -1,0 +1,8 @@
+//! The wire protocols, pure and synchronous: frames in, frames out, session rules. No I/O,
+//! no clock, no hub calls: a front-end tells its connection what a frame means and the
+//! connection acts on it.
+
+pub mod close;
+pub mod opcode;
+
+pub use close::CloseCode;

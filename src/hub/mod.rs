@@ -1,0 +1,194 @@
+//! The hub: developer streams and their subscribers; ordering, fan-out, the slow-consumer
+//! policy and the duplicate-connection rule.
+//!
+//! Owns the map from stream id to its owner task ([`stream`]), the session registry
+//! ([`sessions`]) and retention. Talks to the log through its traits only and never imports
+//! `conn` or a front-end: what goes in and out are the value types in [`types`].
+//!
+//! Full-queue policies: a producer waits for room in its stream's queue
+//! (`publish_queue_max`), which pushes back through TCP; a consumer whose outbox would pass
+//! `consumer_queue_max` frames or `CONSUMER_QUEUE_MAX_BYTES` is kicked with
+//! [`KickReason::TooSlow`] (close 4009) and the rest carry on.
+
+mod sessions;
+mod stream;
+mod types;
+
+pub use sessions::Sessions;
+pub use stream::{StreamHandle, Subscriber};
+pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate, SEQ_DIGITS};
+
+use dashmap::DashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Durability};
+use crate::log::{LogError, Store};
+
+/// Bytes a consumer's outbox may hold, beside the frame bound.
+pub const CONSUMER_QUEUE_MAX_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("the hub is shutting down")]
+    Closed,
+    #[error("the stream's store failed recently; try again")]
+    StoreFailed,
+    #[error(transparent)]
+    Store(#[from] LogError),
+}
+
+/// The numbers the hub runs by, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub durability: Durability,
+    pub publish_queue_max: usize,
+    pub commit_batch_max: usize,
+    pub consumer_queue_max: usize,
+    pub max_consumers_per_developer: usize,
+    pub retention_max_age_s: u64,
+    pub retention_max_per_stream: u64,
+}
+
+impl From<&Config> for HubConfig {
+    fn from(c: &Config) -> Self {
+        Self {
+            durability: c.durability,
+            publish_queue_max: c.publish_queue_max,
+            commit_batch_max: c.commit_batch_max,
+            consumer_queue_max: c.consumer_queue_max,
+            max_consumers_per_developer: c.max_consumers_per_developer,
+            retention_max_age_s: c.retention_max_age_s,
+            retention_max_per_stream: c.retention_max_per_stream,
+        }
+    }
+}
+
+/// Shared by every connection; clone freely.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    streams: DashMap<Arc<str>, StreamHandle>,
+    sessions: Sessions,
+    config: HubConfig,
+    owners: TaskTracker,
+}
+
+impl Hub {
+    pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                streams: DashMap::new(),
+                sessions: Sessions::new(config.max_consumers_per_developer),
+                config,
+                owners: TaskTracker::new(),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.inner.sessions
+    }
+
+    /// A new outbox bound for one consumer.
+    pub fn outbox(&self) -> Arc<Outbox> {
+        Outbox::new(
+            self.inner.config.consumer_queue_max,
+            CONSUMER_QUEUE_MAX_BYTES,
+        )
+    }
+
+    /// The stream of a developer, started (and recovered from the log) on first use.
+    pub fn stream(&self, id: &str) -> Result<StreamHandle, HubError> {
+        if let Some(handle) = self.inner.streams.get(id) {
+            return Ok(handle.clone());
+        }
+        if self.inner.owners.is_closed() {
+            return Err(HubError::Closed);
+        }
+        let key: Arc<str> = Arc::from(id);
+        let handle = match self.inner.streams.entry(key.clone()) {
+            dashmap::Entry::Occupied(e) => e.get().clone(),
+            dashmap::Entry::Vacant(v) => {
+                let log = self.inner.store.open_stream(id)?;
+                let recovered = log.recover()?;
+                let (tx, rx) = mpsc::channel(self.inner.config.publish_queue_max);
+                let shared = Arc::new(stream::Shared {
+                    id: key,
+                    log,
+                    failed_until_ms: AtomicU64::new(0),
+                });
+                let owner = stream::Owner {
+                    rx,
+                    shared: shared.clone(),
+                    store: self.inner.store.clone(),
+                    durability: self.inner.config.durability,
+                    batch_max: self.inner.config.commit_batch_max,
+                    next: recovered.next_seq,
+                };
+                tracing::debug!(stream = id, next_seq = recovered.next_seq, "stream opened");
+                self.inner.owners.spawn(owner.run());
+                crate::metrics::handles().streams.increment(1.0);
+                v.insert(StreamHandle { tx, shared }).clone()
+            }
+        };
+        Ok(handle)
+    }
+
+    /// One retention pass over every stored stream; runs blocking store work, so call it
+    /// from a blocking thread. Returns the readings removed.
+    pub fn retain(&self, now_ms: u64) -> Result<u64, HubError> {
+        let c = &self.inner.config;
+        if c.retention_max_age_s == 0 && c.retention_max_per_stream == 0 {
+            return Ok(0);
+        }
+        let older_than = if c.retention_max_age_s == 0 {
+            0
+        } else {
+            now_ms.saturating_sub(c.retention_max_age_s * 1000)
+        };
+        let mut removed = 0;
+        for name in self.inner.store.stream_names() {
+            let log = self.inner.store.open_stream(&name)?;
+            let through = if c.retention_max_per_stream == 0 {
+                0
+            } else {
+                let tail = log.recover()?.next_seq - 1;
+                tail.saturating_sub(c.retention_max_per_stream)
+            };
+            removed += log.trim(through, older_than)?;
+        }
+        if removed > 0 {
+            crate::metrics::handles()
+                .retention_removed
+                .increment(removed);
+        }
+        Ok(removed)
+    }
+
+    /// Stops every stream owner after it finishes its last commit, then closes the store.
+    /// Call once connections are gone.
+    pub async fn close(&self) -> Result<(), HubError> {
+        self.inner.owners.close();
+        self.inner.streams.clear();
+        self.inner.owners.wait().await;
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|_| HubError::Closed)??;
+        Ok(())
+    }
+}
+
+pub use stream::now_ms;

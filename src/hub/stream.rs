@@ -1,0 +1,271 @@
+//! One developer stream: its owner task, the only place its seqs are assigned.
+//!
+//! The owner takes commands from a bounded queue, in order: publishes become a group commit
+//! (seq assignment, one log append, a commit in strict durability) and then one shared
+//! [`Batch`] offered to every subscriber. Subscribers live in the owner's own `Vec`: no lock
+//! is taken on the way from a SUBMIT to the outboxes.
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+use super::types::{Batch, Kick, KickReason, Outbox, Publish};
+use super::HubError;
+use crate::config::Durability;
+use crate::log::{Entry, LogError, Store, StreamLog};
+
+/// Seqs reserved at a time in fast durability; one extra flush per block.
+const SEQ_BLOCK: u64 = 1 << 16;
+/// How long publishes are refused after a store failure before the owner tries again.
+const FAILED_BACKOFF_MS: u64 = 1000;
+
+/// A consumer connection as the owner sees it.
+pub struct Subscriber {
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<Arc<Batch>>,
+    pub outbox: Arc<Outbox>,
+    pub kick: Arc<Kick>,
+}
+
+pub(super) enum Command {
+    Publish(Publish),
+    Subscribe {
+        sub: Subscriber,
+        /// Answered with the last seq dispatched before this subscriber joined.
+        head: oneshot::Sender<u64>,
+    },
+    Unsubscribe(u64),
+}
+
+pub(super) struct Shared {
+    pub id: Arc<str>,
+    pub log: Arc<dyn StreamLog>,
+    /// Unix ms until which publishes are refused after a store failure.
+    pub failed_until_ms: AtomicU64,
+}
+
+/// A cheap handle on a stream: publish, subscribe, read its log.
+#[derive(Clone)]
+pub struct StreamHandle {
+    pub(super) tx: mpsc::Sender<Command>,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl StreamHandle {
+    pub fn id(&self) -> &Arc<str> {
+        &self.shared.id
+    }
+
+    /// Queues a reading for its seq. Waits only for room in the owner's queue, so a flood
+    /// pushes back through the producer's TCP window.
+    pub async fn publish(&self, publish: Publish) -> Result<(), HubError> {
+        let until = self.shared.failed_until_ms.load(Ordering::Relaxed);
+        if until != 0 && now_ms() < until {
+            return Err(HubError::StoreFailed);
+        }
+        self.tx
+            .send(Command::Publish(publish))
+            .await
+            .map_err(|_| HubError::Closed)
+    }
+
+    /// Adds a subscriber; returns the last seq it will not receive live.
+    pub async fn subscribe(&self, sub: Subscriber) -> Result<u64, HubError> {
+        let (head, answer) = oneshot::channel();
+        self.tx
+            .send(Command::Subscribe { sub, head })
+            .await
+            .map_err(|_| HubError::Closed)?;
+        answer.await.map_err(|_| HubError::Closed)
+    }
+
+    pub async fn unsubscribe(&self, id: u64) {
+        let _ = self.tx.send(Command::Unsubscribe(id)).await;
+    }
+
+    /// Reads stored readings with `after < seq < before` (at most `max`) for REPLAY.
+    pub fn read(
+        &self,
+        after: u64,
+        before: u64,
+        max: usize,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), HubError> {
+        self.shared
+            .log
+            .read(after, before, max, out)
+            .map_err(HubError::Store)
+    }
+}
+
+pub(super) struct Owner {
+    pub rx: mpsc::Receiver<Command>,
+    pub shared: Arc<Shared>,
+    pub store: Arc<dyn Store>,
+    pub durability: Durability,
+    pub batch_max: usize,
+    pub next: u64,
+}
+
+impl Owner {
+    pub async fn run(mut self) {
+        let metrics = crate::metrics::handles();
+        let mut subs: Vec<Subscriber> = Vec::new();
+        let mut cmds = Vec::with_capacity(self.batch_max);
+        let mut reserved = Reservation::new(self.next - 1);
+        loop {
+            if self.rx.recv_many(&mut cmds, self.batch_max).await == 0 {
+                break;
+            }
+            let mut frames: Vec<Bytes> = Vec::new();
+            let mut oldest: Option<Instant> = None;
+            for cmd in cmds.drain(..) {
+                match cmd {
+                    Command::Publish(p) => {
+                        oldest.get_or_insert(p.received);
+                        frames.push(p.frame.fill(self.next + frames.len() as u64));
+                    }
+                    Command::Subscribe { sub, head } => {
+                        if head.send(self.next - 1).is_ok() {
+                            subs.push(sub);
+                        }
+                    }
+                    Command::Unsubscribe(id) => subs.retain(|s| s.id != id),
+                }
+            }
+            if frames.is_empty() {
+                continue;
+            }
+            let first = self.next;
+            let last = first + frames.len() as u64 - 1;
+            match self.commit(first, last, &frames, &mut reserved).await {
+                Ok(()) => {}
+                Err(e) => {
+                    metrics.store_errors.increment(1);
+                    tracing::error!(stream = %self.shared.id, error = %e, "append failed; refusing publishes for a while");
+                    self.shared
+                        .failed_until_ms
+                        .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
+                    // Appended but maybe not durable: never hand these seqs out again.
+                    self.next = last + 1;
+                    continue;
+                }
+            }
+            self.next = last + 1;
+            metrics.readings_stored.increment(frames.len() as u64);
+            metrics.commit_readings.record(frames.len() as f64);
+            let bytes = frames.iter().map(Bytes::len).sum();
+            let batch = Arc::new(Batch {
+                first_seq: first,
+                frames,
+                bytes,
+            });
+            fan_out(&mut subs, &batch);
+            if let Some(t) = oldest {
+                metrics.dispatch_latency.record(t.elapsed().as_secs_f64());
+            }
+        }
+        // Clean stop: the high-water mark drops back to the tail so the next start carries
+        // on contiguously. The store's final flush makes it durable.
+        if let Err(e) = self.shared.log.reserve(self.next - 1) {
+            tracing::warn!(stream = %self.shared.id, error = %e, "could not record the stream tail");
+        }
+    }
+
+    /// Appends one group commit and makes it as durable as the mode asks before dispatch.
+    async fn commit(
+        &self,
+        first: u64,
+        last: u64,
+        frames: &[Bytes],
+        reserved: &mut Reservation,
+    ) -> Result<(), LogError> {
+        if self.durability == Durability::Fast {
+            reserved
+                .ensure(last, &*self.shared.log, &*self.store)
+                .await?;
+        }
+        self.shared.log.append(first, now_ms(), frames)?;
+        if self.durability == Durability::Strict {
+            self.store.commit().await.map_err(|_| LogError::Closed)??;
+        }
+        Ok(())
+    }
+}
+
+/// Fast durability hands out seqs before their readings are on disk; a durable high-water
+/// mark, reserved a block ahead, makes sure none is handed out twice across a crash.
+struct Reservation {
+    durable: u64,
+    pending: Option<(u64, oneshot::Receiver<Result<(), LogError>>)>,
+}
+
+impl Reservation {
+    fn new(durable: u64) -> Self {
+        Self {
+            durable,
+            pending: None,
+        }
+    }
+
+    async fn ensure(
+        &mut self,
+        last: u64,
+        log: &dyn StreamLog,
+        store: &dyn Store,
+    ) -> Result<(), LogError> {
+        if let Some((target, rx)) = &mut self.pending {
+            if let Ok(done) = rx.try_recv() {
+                done?;
+                self.durable = *target;
+                self.pending = None;
+            }
+        }
+        // Ask for the next block while half of this one is left, so the wait is rare.
+        if self.pending.is_none() && last + SEQ_BLOCK / 2 > self.durable {
+            let target = last + SEQ_BLOCK;
+            log.reserve(target)?;
+            self.pending = Some((target, store.commit()));
+        }
+        if last > self.durable {
+            if let Some((target, rx)) = self.pending.take() {
+                rx.await.map_err(|_| LogError::Closed)??;
+                self.durable = target;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
+    let n = batch.frames.len();
+    subs.retain(|s| {
+        if s.kick.is_kicked() {
+            return false;
+        }
+        if !s.outbox.try_claim(n, batch.bytes) {
+            crate::metrics::handles().slow_consumer_closes.increment(1);
+            tracing::info!(
+                conn = s.id,
+                queued = s.outbox.queued_frames(),
+                "consumer too slow, closing it (4009)"
+            );
+            s.kick.kick(KickReason::TooSlow);
+            return false;
+        }
+        if s.tx.send(batch.clone()).is_err() {
+            s.outbox.release(n, batch.bytes);
+            return false;
+        }
+        true
+    });
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,248 @@
+//! The hub's value types: what front-ends hand in and what subscribers get out.
+//!
+//! Kept free of any wire protocol: a [`SeqTemplate`] is an already-encoded frame with a hole
+//! for the seq, a [`Batch`] is a run of encoded frames with consecutive seqs.
+
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// An encoded frame waiting for its seq: the bytes before and after the number, in one
+/// buffer with room for the digits, so the stream owner fills it without allocating.
+#[derive(Debug, Clone)]
+pub struct SeqTemplate {
+    buf: Vec<u8>,
+    seq_at: usize,
+}
+
+/// Most digits a u64 has in decimal.
+pub const SEQ_DIGITS: usize = 20;
+
+impl SeqTemplate {
+    /// `buf` holds the frame with nothing at `seq_at`; reserve [`SEQ_DIGITS`] extra capacity
+    /// to keep [`SeqTemplate::fill`] allocation-free.
+    pub fn new(buf: Vec<u8>, seq_at: usize) -> Self {
+        debug_assert!(seq_at <= buf.len());
+        Self { buf, seq_at }
+    }
+
+    /// Writes `seq` in decimal at the hole and returns the finished frame.
+    pub fn fill(mut self, seq: u64) -> Bytes {
+        let mut digits = [0u8; SEQ_DIGITS];
+        let mut n = seq;
+        let mut i = SEQ_DIGITS;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[i..];
+        let old_len = self.buf.len();
+        self.buf.resize(old_len + digits.len(), 0);
+        self.buf
+            .copy_within(self.seq_at..old_len, self.seq_at + digits.len());
+        self.buf[self.seq_at..self.seq_at + digits.len()].copy_from_slice(digits);
+        Bytes::from(self.buf)
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+}
+
+/// One SUBMIT on its way to the stream owner.
+#[derive(Debug)]
+pub struct Publish {
+    pub frame: SeqTemplate,
+    /// When the front-end received it, for the SUBMIT→DISPATCH histogram.
+    pub received: Instant,
+}
+
+/// Frames with consecutive seqs from one group commit, shared by every subscriber: one
+/// allocation per commit, never one per recipient.
+#[derive(Debug)]
+pub struct Batch {
+    pub first_seq: u64,
+    pub frames: Vec<Bytes>,
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn last_seq(&self) -> u64 {
+        self.first_seq + self.frames.len() as u64 - 1
+    }
+
+    /// The frames with their seqs, skipping those below `from`.
+    pub fn from_seq(&self, from: u64) -> impl Iterator<Item = (u64, &Bytes)> {
+        let skip = from.saturating_sub(self.first_seq) as usize;
+        self.frames
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .map(move |(i, f)| (self.first_seq + i as u64, f))
+    }
+}
+
+/// Why the hub (or a newer session) ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum KickReason {
+    /// A newer connection took this one's place (user already connected, or consumers
+    /// beyond the developer's limit).
+    Duplicate = 1,
+    /// Its outbox filled: it reads slower than its stream is written.
+    TooSlow = 2,
+    /// The stream's store failed.
+    StoreFailed = 3,
+}
+
+/// A connection's off switch, shared with the hub so it can end the connection from outside.
+/// Its token is a child of the server's shutdown token: a kick with no reason is shutdown.
+#[derive(Debug)]
+pub struct Kick {
+    token: CancellationToken,
+    reason: AtomicU8,
+}
+
+impl Kick {
+    pub fn new(token: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            token,
+            reason: AtomicU8::new(0),
+        })
+    }
+
+    /// Ends the connection; the first reason given is the one reported.
+    pub fn kick(&self, reason: KickReason) {
+        let _ = self
+            .reason
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
+        self.token.cancel();
+    }
+
+    pub fn reason(&self) -> Option<KickReason> {
+        match self.reason.load(Ordering::Acquire) {
+            1 => Some(KickReason::Duplicate),
+            2 => Some(KickReason::TooSlow),
+            3 => Some(KickReason::StoreFailed),
+            _ => None,
+        }
+    }
+
+    pub fn is_kicked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn kicked(&self) {
+        self.token.cancelled().await
+    }
+}
+
+/// The bound on one subscriber's queue, counted in frames and bytes: the hub adds what it
+/// queues, the connection's writer subtracts what it has written.
+#[derive(Debug)]
+pub struct Outbox {
+    frames: AtomicUsize,
+    bytes: AtomicUsize,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            frames: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            max_frames,
+            max_bytes,
+        })
+    }
+
+    /// Claims room for a batch; false when it would overflow (the subscriber is too slow).
+    pub fn try_claim(&self, frames: usize, bytes: usize) -> bool {
+        let f = self.frames.fetch_add(frames, Ordering::AcqRel) + frames;
+        let b = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if f > self.max_frames || b > self.max_bytes {
+            self.release(frames, bytes);
+            return false;
+        }
+        true
+    }
+
+    pub fn release(&self, frames: usize, bytes: usize) {
+        self.frames.fetch_sub(frames, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    pub fn queued_frames(&self) -> usize {
+        self.frames.load(Ordering::Acquire)
+    }
+
+    pub fn max_frames(&self) -> usize {
+        self.max_frames
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_writes_the_seq_in_place() {
+        for seq in [0u64, 7, 73, 1_000_000, u64::MAX] {
+            let mut buf = Vec::with_capacity(64);
+            buf.extend_from_slice(b"{\"seq\":,\"t\":\"X\"}");
+            let t = SeqTemplate::new(buf, 7);
+            let out = t.fill(seq);
+            assert_eq!(out, format!("{{\"seq\":{seq},\"t\":\"X\"}}").as_bytes());
+        }
+    }
+
+    #[test]
+    fn outbox_bounds_frames_and_bytes() {
+        let o = Outbox::new(3, 100);
+        assert!(o.try_claim(2, 10));
+        assert!(!o.try_claim(2, 10));
+        assert!(o.try_claim(1, 10));
+        o.release(3, 20);
+        assert!(!o.try_claim(1, 101));
+        assert_eq!(o.queued_frames(), 0);
+    }
+
+    #[test]
+    fn kick_keeps_the_first_reason() {
+        let k = Kick::new(CancellationToken::new());
+        assert_eq!(k.reason(), None);
+        k.kick(KickReason::TooSlow);
+        k.kick(KickReason::Duplicate);
+        assert!(k.is_kicked());
+        assert_eq!(k.reason(), Some(KickReason::TooSlow));
+    }
+
+    #[test]
+    fn batch_skips_below_a_seq() {
+        let b = Batch {
+            first_seq: 10,
+            frames: vec![
+                Bytes::from_static(b"a"),
+                Bytes::from_static(b"b"),
+                Bytes::from_static(b"c"),
+            ],
+            bytes: 3,
+        };
+        assert_eq!(b.last_seq(), 12);
+        let seqs: Vec<u64> = b.from_seq(11).map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![11, 12]);
+        assert_eq!(b.from_seq(0).count(), 3);
+        assert_eq!(b.from_seq(13).count(), 0);
+    }
+}

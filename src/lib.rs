@@ -1,0 +1,205 @@
+//! sensorgate: a real-time WebSocket gateway for sensor readings.
+//!
+//! Producers SUBMIT readings, the gateway gives each a durable per-developer `seq` and
+//! DISPATCHes it to that developer's consumers, who can REPLAY what they missed.
+//!
+//! # Architecture
+//! ```text
+//! main ──> server ──> conn ──> frontend   (wire protocols: pure, no I/O)
+//!                        └──> hub ──> log (durable sequenced store: sled)
+//! auth, metrics, config, shutdown: used by all, import nothing above them
+//! ```
+//! - [`config`]: schema, defaults, file + env + flags.
+//! - [`server`]: the listener, connection cap, HTTP routes, WebSocket upgrades.
+//! - [`conn`]: one client's life: reader task, single writer, deadlines, close codes.
+//! - [`frontend`]: the opcode protocol (seed 001): frames and session rules.
+//! - [`hub`]: streams, seq assignment by one owner per stream, fan-out, slow consumers,
+//!   duplicate connections, retention.
+//! - [`log`]: the store traits and the sled implementation with group commit.
+//! - [`auth`]: developers, API keys, single-use tokens.
+//!
+//! A SUBMIT's path: socket → `conn` reader (size capped, fragments joined) →
+//! `frontend::opcode` decode and session check → `hub` stream queue (the only await) →
+//! the stream owner assigns seqs, appends to `log`, commits → one shared DISPATCH batch →
+//! each consumer's bounded outbox → its writer, which writes everything queued in one go.
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod conn;
+pub mod frontend;
+pub mod hub;
+pub mod log;
+pub mod metrics;
+pub mod server;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, DeveloperConfig};
+use crate::shutdown::Shutdown;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] log::LogError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    shutdown: Shutdown,
+    task: JoinHandle<()>,
+    /// The demo developer, when the config has none.
+    pub demo: Option<DeveloperConfig>,
+    /// Whether the demo developer was created by this start.
+    pub demo_created: bool,
+}
+
+impl Server {
+    /// Opens the store, binds the listener and starts serving.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let dir_err = |source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.data_dir).map_err(dir_err)?;
+        let secret = match &config.token_secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => auth::load_or_create_secret(&config.data_dir).map_err(dir_err)?,
+        };
+        let (developers, demo, demo_created) = if config.developers.is_empty() {
+            let (demo, created) = auth::load_or_create_demo(&config.data_dir).map_err(dir_err)?;
+            (vec![demo.clone()], Some(demo), created)
+        } else {
+            (config.developers.clone(), None, false)
+        };
+        let auth = Arc::new(auth::Auth::new(&developers, &secret, config.token_ttl_s));
+        metrics::handles();
+
+        let store = log::SledStore::open(
+            &config.data_dir.join("store"),
+            config.durability,
+            Duration::from_millis(config.fast_flush_interval_ms),
+        )?;
+        let hub = hub::Hub::new(Arc::new(store), hub::HubConfig::from(&config));
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+
+        let shutdown = Shutdown::new();
+        let ctx = Arc::new(conn::ConnCtx::new(
+            auth,
+            hub.clone(),
+            shutdown.clone(),
+            conn::Limits::from(&config),
+        ));
+        let app = Arc::new(server::App {
+            ctx,
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+            max_connections: config.max_connections,
+        });
+        tracing::info!(%addr, durability = ?config.durability, data_dir = %config.data_dir.display(), "listening");
+        let grace = Duration::from_millis(config.shutdown_grace_ms);
+        let task = tokio::spawn(run(listener, app, hub, shutdown.clone(), grace));
+        Ok(Server {
+            addr,
+            shutdown,
+            task,
+            demo,
+            demo_created,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts the drain (as SIGTERM does) and waits for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.begin();
+        let _ = self.task.await;
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains.
+    pub async fn run_until_signal(self) {
+        tokio::select! {
+            _ = shutdown::signal() => {}
+            _ = self.shutdown.cancelled() => {}
+        }
+        self.stop().await
+    }
+}
+
+async fn run(
+    listener: TcpListener,
+    app: Arc<server::App>,
+    hub: hub::Hub,
+    shutdown: Shutdown,
+    grace: Duration,
+) {
+    let background = tokio::spawn(background(hub.clone(), shutdown.clone()));
+    server::accept_loop(listener, app).await;
+    // Connections see the cancelled token and close with 1001.
+    shutdown.tracker().close();
+    if tokio::time::timeout(grace, shutdown.tracker().wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = shutdown.tracker().len(),
+            "connections still open after the grace period"
+        );
+    }
+    let _ = background.await;
+    match tokio::time::timeout(grace, hub.close()).await {
+        Ok(Ok(())) => tracing::info!("store closed; shutdown complete"),
+        Ok(Err(e)) => tracing::error!(error = %e, "closing the store failed"),
+        Err(_) => tracing::error!("closing the store timed out"),
+    }
+}
+
+/// Histogram upkeep and retention, until shutdown.
+async fn background(hub: hub::Hub, shutdown: Shutdown) {
+    let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    let mut retention = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = upkeep.tick() => metrics::upkeep(),
+            _ = retention.tick() => {
+                let hub = hub.clone();
+                match tokio::task::spawn_blocking(move || hub.retain(hub::now_ms())).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::debug!(removed = n, "retention pass"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "retention pass failed"),
+                    Err(e) => tracing::warn!(error = %e, "retention task failed"),
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Group commit: one thread that turns many "make it durable" requests into one flush.
+//!
+//! Owns the flush thread of a [`super::SledStore`]. Stream owners ask for a commit and await
+//! the answer; every request that arrives while a flush runs shares the next one. In fast
+//! durability the same thread also flushes on a timer whenever something was appended.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+use super::LogError;
+
+type Waiter = oneshot::Sender<Result<(), LogError>>;
+
+pub(super) struct Committer {
+    tx: parking_lot::Mutex<Option<mpsc::Sender<Waiter>>>,
+    thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// Set by every append, cleared by every flush: the timer flushes only when it is set.
+    pub(super) dirty: Arc<AtomicBool>,
+}
+
+impl Committer {
+    /// Starts the flush thread. `interval` is the timed flush of fast durability.
+    pub(super) fn start(db: sled::Db, data_file: File, interval: Option<Duration>) -> Self {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let dirty = Arc::new(AtomicBool::new(false));
+        let flag = dirty.clone();
+        let thread = std::thread::Builder::new()
+            .name("sensorgate-commit".into())
+            .spawn(move || run(db, data_file, rx, flag, interval))
+            .expect("the commit thread starts");
+        Self {
+            tx: parking_lot::Mutex::new(Some(tx)),
+            thread: parking_lot::Mutex::new(Some(thread)),
+            dirty,
+        }
+    }
+
+    pub(super) fn request(&self) -> oneshot::Receiver<Result<(), LogError>> {
+        let (done, wait) = oneshot::channel();
+        match &*self.tx.lock() {
+            Some(tx) => {
+                if let Err(mpsc::SendError(done)) = tx.send(done) {
+                    let _ = done.send(Err(LogError::Closed));
+                }
+            }
+            None => {
+                let _ = done.send(Err(LogError::Closed));
+            }
+        }
+        wait
+    }
+
+    /// Stops the thread after a last flush.
+    pub(super) fn stop(&self) {
+        self.tx.lock().take();
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(
+    db: sled::Db,
+    data_file: File,
+    rx: mpsc::Receiver<Waiter>,
+    dirty: Arc<AtomicBool>,
+    interval: Option<Duration>,
+) {
+    let mut waiters: Vec<Waiter> = Vec::new();
+    loop {
+        let first = match interval {
+            Some(every) => rx.recv_timeout(every),
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        };
+        match first {
+            Ok(w) => waiters.push(w),
+            Err(RecvTimeoutError::Timeout) => {
+                if !dirty.load(Ordering::Acquire) {
+                    continue;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                if let Err(e) = flush(&db, &data_file, &dirty) {
+                    tracing::error!(error = %e, "final flush failed");
+                }
+                return;
+            }
+        }
+        waiters.extend(rx.try_iter());
+        let result = flush(&db, &data_file, &dirty);
+        if let Err(e) = &result {
+            crate::metrics::handles().store_errors.increment(1);
+            tracing::error!(error = %e, "group commit failed");
+        }
+        for w in waiters.drain(..) {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(LogError::Io(std::io::Error::other(e.to_string()))),
+            };
+            let _ = w.send(answer);
+        }
+    }
+}
+
+/// sled's own flush uses `sync_file_range`, which neither writes metadata nor flushes the
+/// device cache; the explicit `fdatasync` of its data file is what survives a power cut.
+fn flush(db: &sled::Db, data_file: &File, dirty: &AtomicBool) -> Result<(), LogError> {
+    dirty.store(false, Ordering::Release);
+    let started = Instant::now();
+    db.flush()?;
+    data_file.sync_data()?;
+    crate::metrics::handles()
+        .fsync_seconds
+        .record(started.elapsed().as_secs_f64());
+    Ok(())
+}

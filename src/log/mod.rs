@@ -1,0 +1,82 @@
+//! The durable sequenced log: what a stream's owner appends to and REPLAY reads from.
+//!
+//! Owns the storage traits ([`Store`], [`StreamLog`]), the on-disk record format and the
+//! embedded implementation on sled. The hub talks to the traits only, so a cluster store can
+//! stand in without the hub knowing. Must not know about connections, protocols or the hub's
+//! subscribers: it stores opaque frames under sequence numbers.
+
+mod commit;
+mod record;
+mod sled_store;
+
+pub use record::{decode_batch, encode_batch, BatchHeader};
+pub use sled_store::SledStore;
+
+use bytes::Bytes;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Why the log could not do what was asked. Connections map every variant to close 1011.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stream {stream}: corrupt record at seq {seq}")]
+    Corrupt { stream: String, seq: u64 },
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Where a stream stands when its owner starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Recovered {
+    /// The seq the next reading gets: above everything stored and everything ever reserved.
+    pub next_seq: u64,
+    /// The oldest retained seq, if any reading is stored.
+    pub first_seq: Option<u64>,
+}
+
+/// One stored reading as REPLAY hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub seq: u64,
+    pub frame: Bytes,
+}
+
+/// A whole store: opens streams and makes their appends durable together (group commit).
+pub trait Store: Send + Sync + 'static {
+    /// Opens (or creates) the log of one stream.
+    fn open_stream(&self, stream: &str) -> Result<Arc<dyn StreamLog>, LogError>;
+    /// Requests that every append made so far becomes durable. The receiver resolves once it
+    /// is; many requests in flight share one flush.
+    fn commit(&self) -> oneshot::Receiver<Result<(), LogError>>;
+    /// The names of the streams that have a log, for retention.
+    fn stream_names(&self) -> Vec<String>;
+    /// Makes everything durable and stops background work; used once at shutdown.
+    fn close(&self) -> Result<(), LogError>;
+}
+
+/// The log of one stream. Appends come from the stream's single owner; reads from anyone.
+pub trait StreamLog: Send + Sync + 'static {
+    /// The stream's position after a restart (clean or not).
+    fn recover(&self) -> Result<Recovered, LogError>;
+    /// Appends frames carrying seqs `first_seq..first_seq + frames.len()`, stamped `ts_ms`.
+    /// Visible to reads at once; durable after the next [`Store::commit`].
+    fn append(&self, first_seq: u64, ts_ms: u64, frames: &[Bytes]) -> Result<(), LogError>;
+    /// Records that seqs up to `through` may be handed out before their readings are durable,
+    /// so that no seq is reused after a crash. Durable after the next [`Store::commit`].
+    fn reserve(&self, through: u64) -> Result<(), LogError>;
+    /// Reads up to `max` entries with `after < seq < before`, in seq order, into `out`.
+    fn read(
+        &self,
+        after: u64,
+        before: u64,
+        max: usize,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), LogError>;
+    /// Removes whole batches whose readings are all at or below `through_seq` or older than
+    /// `older_than_ms`; returns how many readings went.
+    fn trim(&self, through_seq: u64, older_than_ms: u64) -> Result<u64, LogError>;
+}

@@ -1,0 +1,209 @@
+//! Metric names, label sets, buckets, and the Prometheus exporter.
+//!
+//! Owns the global recorder and a set of pre-registered handles, so that the hot path
+//! increments an atomic instead of hashing a name and labels per reading. Every label value
+//! comes from a closed set defined here (never a user, developer or topic id). Imports nothing
+//! above it.
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+pub const CONNECTIONS: &str = "sensorgate_connections";
+pub const CONNECTIONS_OPENED: &str = "sensorgate_connections_opened_total";
+pub const FRAMES_IN: &str = "sensorgate_frames_in_total";
+pub const FRAMES_OUT: &str = "sensorgate_frames_out_total";
+pub const CLOSES: &str = "sensorgate_close_codes_total";
+pub const DISPATCH_LATENCY: &str = "sensorgate_submit_to_dispatch_seconds";
+pub const COMMIT_READINGS: &str = "sensorgate_group_commit_readings";
+pub const FSYNC_SECONDS: &str = "sensorgate_fsync_seconds";
+pub const REPLAY_REQUESTS: &str = "sensorgate_replay_requests_total";
+pub const REPLAY_FRAMES: &str = "sensorgate_replay_frames_total";
+pub const SLOW_CONSUMER_CLOSES: &str = "sensorgate_slow_consumer_closes_total";
+pub const STREAMS: &str = "sensorgate_streams";
+pub const READINGS_STORED: &str = "sensorgate_readings_stored_total";
+pub const STORE_ERRORS: &str = "sensorgate_store_errors_total";
+pub const RETENTION_REMOVED: &str = "sensorgate_retention_removed_readings_total";
+pub const TOKENS_MINTED: &str = "sensorgate_tokens_minted_total";
+pub const HTTP_REQUESTS: &str = "sensorgate_http_requests_total";
+pub const RSS_BYTES: &str = "sensorgate_process_resident_memory_bytes";
+pub const BUILD_INFO: &str = "sensorgate_build_info";
+
+/// Opcode-protocol frame names, the `op` label of the frame counters; index with [`op_in`]
+/// and [`op_out`].
+pub const OPS_IN: [&str; 6] = [
+    "heartbeat",
+    "identify",
+    "submit",
+    "replay",
+    "invalid",
+    "control",
+];
+pub const OPS_OUT: [&str; 5] = ["hello", "heartbeat_ack", "ready", "dispatch", "close"];
+
+pub mod op_in {
+    pub const HEARTBEAT: usize = 0;
+    pub const IDENTIFY: usize = 1;
+    pub const SUBMIT: usize = 2;
+    pub const REPLAY: usize = 3;
+    /// Undecodable or not allowed.
+    pub const INVALID: usize = 4;
+    /// WebSocket ping, pong and close.
+    pub const CONTROL: usize = 5;
+}
+
+pub mod op_out {
+    pub const HELLO: usize = 0;
+    pub const HEARTBEAT_ACK: usize = 1;
+    pub const READY: usize = 2;
+    pub const DISPATCH: usize = 3;
+    pub const CLOSE: usize = 4;
+}
+
+/// Close codes the server sends, the `code` label of [`CLOSES`].
+pub const CLOSE_CODES: [u16; 14] = [
+    1000, 1001, 1002, 1007, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4008, 4009,
+];
+
+/// Pre-registered handles for everything the per-frame path touches.
+pub struct Handles {
+    pub frames_in: [Counter; OPS_IN.len()],
+    pub frames_out: [Counter; OPS_OUT.len()],
+    pub closes: [Counter; CLOSE_CODES.len()],
+    pub connections: [Gauge; 3],
+    pub connections_opened: Counter,
+    pub dispatch_latency: Histogram,
+    pub commit_readings: Histogram,
+    pub fsync_seconds: Histogram,
+    pub replay_requests: Counter,
+    pub replay_frames: Counter,
+    pub slow_consumer_closes: Counter,
+    pub streams: Gauge,
+    pub readings_stored: Counter,
+    pub store_errors: Counter,
+    pub retention_removed: Counter,
+    pub rss: Gauge,
+}
+
+/// Which connection gauge: not yet identified, user (producer), developer (consumer).
+#[derive(Debug, Clone, Copy)]
+pub enum ConnRole {
+    Pending = 0,
+    User = 1,
+    Developer = 2,
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static HANDLES: OnceLock<Handles> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process (tests start many servers in one) and
+/// returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let latency = [
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ];
+        let sizes = [
+            1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+        ];
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DISPATCH_LATENCY.into()), &latency)
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FSYNC_SECONDS.into()), &latency))
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_READINGS.into()), &sizes))
+            .and_then(|b| b.install_recorder())
+            .expect("the Prometheus recorder is installed once, with valid buckets")
+    })
+}
+
+/// The pre-registered handles; installs the recorder first if needed.
+pub fn handles() -> &'static Handles {
+    HANDLES.get_or_init(|| {
+        install();
+        describe();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        Handles {
+            frames_in: OPS_IN.map(|op| metrics::counter!(FRAMES_IN, "op" => op)),
+            frames_out: OPS_OUT.map(|op| metrics::counter!(FRAMES_OUT, "op" => op)),
+            closes: CLOSE_CODES.map(|c| metrics::counter!(CLOSES, "code" => c.to_string())),
+            connections: ["pending", "user", "developer"]
+                .map(|r| metrics::gauge!(CONNECTIONS, "role" => r)),
+            connections_opened: metrics::counter!(CONNECTIONS_OPENED),
+            dispatch_latency: metrics::histogram!(DISPATCH_LATENCY),
+            commit_readings: metrics::histogram!(COMMIT_READINGS),
+            fsync_seconds: metrics::histogram!(FSYNC_SECONDS),
+            replay_requests: metrics::counter!(REPLAY_REQUESTS),
+            replay_frames: metrics::counter!(REPLAY_FRAMES),
+            slow_consumer_closes: metrics::counter!(SLOW_CONSUMER_CLOSES),
+            streams: metrics::gauge!(STREAMS),
+            readings_stored: metrics::counter!(READINGS_STORED),
+            store_errors: metrics::counter!(STORE_ERRORS),
+            retention_removed: metrics::counter!(RETENTION_REMOVED),
+            rss: metrics::gauge!(RSS_BYTES),
+        }
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(CONNECTIONS, "Open WebSocket connections by role");
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted");
+    describe_counter!(FRAMES_IN, "Frames received by opcode");
+    describe_counter!(FRAMES_OUT, "Frames sent by opcode");
+    describe_counter!(CLOSES, "Connections closed by the server, by close code");
+    describe_histogram!(
+        DISPATCH_LATENCY,
+        Unit::Seconds,
+        "SUBMIT received to DISPATCH queued, oldest reading of each group commit"
+    );
+    describe_histogram!(COMMIT_READINGS, "Readings per group commit");
+    describe_histogram!(
+        FSYNC_SECONDS,
+        Unit::Seconds,
+        "Duration of a store flush + fsync"
+    );
+    describe_counter!(REPLAY_REQUESTS, "REPLAY requests served");
+    describe_counter!(REPLAY_FRAMES, "DISPATCH frames sent by REPLAY");
+    describe_counter!(
+        SLOW_CONSUMER_CLOSES,
+        "Consumers closed with 4009 because their queue filled"
+    );
+    describe_gauge!(STREAMS, "Developer streams open in the hub");
+    describe_counter!(READINGS_STORED, "Readings appended to the log");
+    describe_counter!(STORE_ERRORS, "Failed log appends or flushes");
+    describe_counter!(RETENTION_REMOVED, "Readings removed by retention");
+    describe_counter!(TOKENS_MINTED, "Tokens minted over HTTP, by role");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class");
+    describe_gauge!(RSS_BYTES, Unit::Bytes, "Resident set size of the process");
+}
+
+impl Handles {
+    pub fn frame_in(&self, op: usize) {
+        self.frames_in[op].increment(1);
+    }
+
+    pub fn close(&self, code: u16) {
+        if let Some(i) = CLOSE_CODES.iter().position(|&c| c == code) {
+            self.closes[i].increment(1);
+        }
+    }
+}
+
+/// Renders the scrape, refreshing the gauges that are sampled rather than maintained.
+pub fn render() -> String {
+    handles().rss.set(resident_bytes() as f64);
+    install().render()
+}
+
+/// Runs histogram upkeep; without it the exporter keeps every sample until a scrape.
+pub fn upkeep() {
+    install().run_upkeep();
+}
+
+/// Resident set size from /proc (0 where there is none).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}

@@ -1,0 +1,255 @@
+//! HTTP routes: the WebSocket upgrade at `/connect`, token minting, metrics and health.
+//!
+//! Every answer is small and built here; anything not listed is 404, a listed path with the
+//! wrong method 405.
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::App;
+use crate::auth::{AuthError, Role};
+
+type Body = Full<Bytes>;
+
+pub(super) async fn route(
+    req: Request<Incoming>,
+    app: Arc<App>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Result<Response<Body>, Infallible> {
+    let (name, response) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/connect") => ("connect", connect(req, app, permit)),
+        (&Method::POST, "/auth/developer") => ("auth_developer", mint(&req, &app, Role::Developer)),
+        (&Method::POST, "/auth/user") => ("auth_user", mint(&req, &app, Role::User)),
+        (&Method::GET, "/metrics") => ("metrics", metrics()),
+        (&Method::GET, "/healthz") => ("healthz", text(StatusCode::OK, "ok\n")),
+        (&Method::GET, "/readyz") => ("readyz", ready(&app)),
+        (
+            _,
+            "/connect" | "/auth/developer" | "/auth/user" | "/metrics" | "/healthz" | "/readyz",
+        ) => (
+            "other",
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        ),
+        _ => ("other", text(StatusCode::NOT_FOUND, "not found\n")),
+    };
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => name, "status" => class)
+        .increment(1);
+    Ok(response)
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, serde_json::json!({ "error": message }).to_string())
+}
+
+fn ready(app: &App) -> Response<Body> {
+    if app.ctx.shutdown.is_draining() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}
+
+fn metrics() -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(crate::metrics::render())));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// `POST /auth/developer` and `POST /auth/user?id=…`: 200 `{"token":"…"}`, 400 for
+/// missing input, 403 for bad credentials.
+fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
+    let Some((developer, key)) = credentials(req) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing credentials: send dev-id and x-api-key headers, or HTTP Basic",
+        );
+    };
+    let user = match role {
+        Role::User => match query_param(req.uri().query().unwrap_or(""), "id") {
+            Some(id) if !id.is_empty() => Some(id),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "missing user id: POST /auth/user?id=<uid>",
+                )
+            }
+        },
+        Role::Developer => None,
+    };
+    let auth = &app.ctx.auth;
+    if auth.check_key(&developer, &key).is_err() {
+        tracing::info!(developer = %developer, "token refused: bad credentials");
+        return error(StatusCode::FORBIDDEN, "unknown developer or wrong api key");
+    }
+    match auth.mint(&developer, role, user.as_deref()) {
+        Ok(token) => {
+            metrics::counter!(crate::metrics::TOKENS_MINTED, "role" => role.as_str()).increment(1);
+            json(
+                StatusCode::OK,
+                serde_json::json!({ "token": token }).to_string(),
+            )
+        }
+        Err(AuthError::InvalidUser | AuthError::MissingUser) => error(
+            StatusCode::BAD_REQUEST,
+            "invalid user id: 1-128 printable ASCII characters without quotes or backslashes",
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "token minting failed");
+            error(StatusCode::FORBIDDEN, "unknown developer or wrong api key")
+        }
+    }
+}
+
+/// `dev-id` + `x-api-key` headers, or `Authorization: Basic base64(dev-id:api-key)`.
+fn credentials(req: &Request<Incoming>) -> Option<(String, String)> {
+    let h = req.headers();
+    let header = |name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+    };
+    if let (Some(dev), Some(key)) = (header("dev-id"), header("x-api-key")) {
+        return Some((dev.to_owned(), key.to_owned()));
+    }
+    let basic = h
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(basic.trim())
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (dev, key) = decoded.split_once(':')?;
+    (!dev.is_empty() && !key.is_empty()).then(|| (dev.to_owned(), key.to_owned()))
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))?
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `GET /connect`: answers 101 and hands the socket to the opcode protocol once hyper lets
+/// go of it. The connection's permit moves with it.
+fn connect(
+    mut req: Request<Incoming>,
+    app: Arc<App>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Response<Body> {
+    if app.ctx.shutdown.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        let mut r = text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
+        r.headers_mut().insert(
+            hyper::header::UPGRADE,
+            HeaderValue::from_static("websocket"),
+        );
+        return r;
+    }
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "bad upgrade request");
+            return text(StatusCode::BAD_REQUEST, "bad WebSocket upgrade request\n");
+        }
+    };
+    let timeout = app.handshake_timeout;
+    let ctx = app.ctx.clone();
+    app.ctx.shutdown.tracker().spawn(async move {
+        let _permit = permit;
+        let ws = match tokio::time::timeout(timeout, upgrade).await {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "upgrade failed"),
+            Err(_) => return tracing::debug!("upgrade timed out"),
+        };
+        match ws
+            .into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+        {
+            Ok(parts) => {
+                crate::conn::serve_opcode(ctx, parts.io.into_inner(), parts.read_buf).await
+            }
+            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Full::new(Bytes::new()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_decoded() {
+        assert_eq!(query_param("id=abc&x=1", "id").as_deref(), Some("abc"));
+        assert_eq!(query_param("x=1&id=a%2Db", "id").as_deref(), Some("a-b"));
+        assert_eq!(query_param("id", "id").as_deref(), Some(""));
+        assert_eq!(query_param("x=1", "id"), None);
+        assert_eq!(query_param("id=%zz", "id"), None);
+    }
+}
