@@ -85,6 +85,9 @@ pub struct Config {
     pub handshake_timeout_ms: u64,
     /// Time SIGTERM allows for closing clients and the final commit.
     pub shutdown_grace_ms: u64,
+    /// After SIGTERM, time /readyz answers 503 while clients are still served, so a load
+    /// balancer can take the node out first.
+    pub drain_delay_ms: u64,
     /// Fast mode: how often the background flush makes appends durable.
     pub fast_flush_interval_ms: u64,
     /// Readings a stream owner takes from its queue per group commit.
@@ -121,6 +124,7 @@ impl Default for Config {
             max_connections: 16_384,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            drain_delay_ms: 0,
             fast_flush_interval_ms: 5,
             commit_batch_max: 4096,
             publish_queue_max: 8192,
@@ -159,6 +163,7 @@ const ENV_KEYS: &[&str] = &[
     "max_connections",
     "handshake_timeout_ms",
     "shutdown_grace_ms",
+    "drain_delay_ms",
     "fast_flush_interval_ms",
     "commit_batch_max",
     "publish_queue_max",
@@ -467,9 +472,47 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_lists_every_key_with_its_default() {
+        let example = include_str!("../deploy/sensorgate.toml");
+        let uncommented: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            })
+            .filter(|l| {
+                !l.starts_with("id ") && !l.starts_with("api_key") && !l.starts_with("token_secret")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let parsed: Config = toml::from_str(&uncommented).expect("the example parses");
+        assert_eq!(
+            toml::to_string(&parsed).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+        let table: toml::Table =
+            toml::from_str(&toml::to_string(&Config::default()).unwrap()).unwrap();
+        for key in table.keys().filter(|k| *k != "developers") {
+            assert!(
+                example.contains(&format!("# {key} = ")),
+                "deploy/sensorgate.toml lacks {key}"
+            );
+        }
+        for key in ["token_secret", "developers", "api_key_sha256"] {
+            assert!(example.contains(key), "{key}");
+        }
+        for key in ENV_KEYS {
+            assert!(table.contains_key(*key) || *key == "token_secret", "{key}");
+        }
+    }
+
+    #[test]
     fn masked_output_hides_secrets_and_parses_back() {
-        let mut c = Config::default();
-        c.token_secret = Some("x".repeat(40));
+        let mut c = Config {
+            token_secret: Some("x".repeat(40)),
+            ..Config::default()
+        };
         c.developers.push(DeveloperConfig {
             id: "d".into(),
             api_key: Some("hunter2".into()),

@@ -65,6 +65,7 @@ pub enum StartError {
 pub struct Server {
     addr: SocketAddr,
     shutdown: Shutdown,
+    drain_delay: Duration,
     task: JoinHandle<()>,
     /// The demo developer, when the config has none.
     pub demo: Option<DeveloperConfig>,
@@ -129,6 +130,7 @@ impl Server {
         Ok(Server {
             addr,
             shutdown,
+            drain_delay: Duration::from_millis(config.drain_delay_ms),
             task,
             demo,
             demo_created,
@@ -139,8 +141,11 @@ impl Server {
         self.addr
     }
 
-    /// Starts the drain (as SIGTERM does) and waits for it to finish.
+    /// Drains as SIGTERM does: readiness off, `drain_delay_ms` of service, then stop
+    /// accepting, close every client with 1001, last commit. Waits for all of it.
     pub async fn stop(self) {
+        self.shutdown.mark_draining();
+        tokio::time::sleep(self.drain_delay).await;
         self.shutdown.begin();
         let _ = self.task.await;
     }

@@ -21,6 +21,12 @@ impl Shutdown {
         Self::default()
     }
 
+    /// Turns readiness false while still serving, so a load balancer stops sending new
+    /// clients before the listener closes.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Starts the drain: readiness turns false and every watcher of the token wakes.
     pub fn begin(&self) {
         self.draining.store(true, Ordering::SeqCst);

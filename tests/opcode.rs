@@ -12,8 +12,18 @@ async fn hello_identify_submit_dispatch_as_the_seed_shows() {
     let srv = TestServer::start().await;
     let mut consumer = srv.consumer().await;
     let mut producer = srv.producer("8e864e3a-979a-4d04-b4e9-b6d020f20ba0").await;
-    producer.submit("heart_rate", r#"{"ts":"2022-05-04T10:26:11.268507+01:00","val":95}"#).await;
-    producer.submit("ACCELERATION", r#"{ "ts":"2022-05-04T10:26:11Z", "d":[0.1, -9.81, 1e-3] }"#).await;
+    producer
+        .submit(
+            "heart_rate",
+            r#"{"ts":"2022-05-04T10:26:11.268507+01:00","val":95}"#,
+        )
+        .await;
+    producer
+        .submit(
+            "ACCELERATION",
+            r#"{ "ts":"2022-05-04T10:26:11Z", "d":[0.1, -9.81, 1e-3] }"#,
+        )
+        .await;
     assert_eq!(
         consumer.recv().await,
         r#"{"op":5,"d":{"ts":"2022-05-04T10:26:11.268507+01:00","val":95},"uid":"8e864e3a-979a-4d04-b4e9-b6d020f20ba0","seq":1,"t":"HEART_RATE"}"#
@@ -71,9 +81,17 @@ async fn every_bad_input_gets_its_close_code_and_others_carry_on() {
         (Some(0), vec![r#"{"op":6,"t":"X","d":5}"#], 1007),
         (None, vec![r#"{"op":6,"t":"STEPS","d":{}}"#], 4000),
         (None, vec![r#"{"op":7,"d":{"after":0}}"#], 4000),
-        (None, vec![r#"{"op":3,"d":{"token":"garbage","type":0}}"#], 4001),
+        (
+            None,
+            vec![r#"{"op":3,"d":{"token":"garbage","type":0}}"#],
+            4001,
+        ),
         (None, vec![r#"{"op":3,"d":{"type":0}}"#], 4001),
-        (Some(0), vec![r#"{"op":3,"d":{"token":"x","type":0}}"#], 4003),
+        (
+            Some(0),
+            vec![r#"{"op":3,"d":{"token":"x","type":0}}"#],
+            4003,
+        ),
         (Some(0), vec![r#"{"op":42}"#], 4004),
         (Some(0), vec![r#"{"op":7,"d":{"after":0}}"#], 4004),
         (Some(1), vec![r#"{"op":6,"t":"STEPS","d":{}}"#], 4004),
@@ -84,7 +102,10 @@ async fn every_bad_input_gets_its_close_code_and_others_carry_on() {
         bystander.ping().await;
     }
     let scrape = srv.metrics().await;
-    assert!(metric(&scrape, r#"sensorgate_close_codes_total{code="1007"}"#) >= 5.0, "{scrape}");
+    assert!(
+        metric(&scrape, r#"sensorgate_close_codes_total{code="1007"}"#) >= 5.0,
+        "{scrape}"
+    );
     assert!(metric(&scrape, r#"sensorgate_close_codes_total{code="4004"}"#) >= 4.0);
 }
 
@@ -94,11 +115,17 @@ async fn tokens_are_single_use_and_typed() {
     let t = srv.token("/auth/user?id=u1").await;
     let _first = Client::identified(srv.addr, &t, 0).await;
     let mut again = Client::connect(srv.addr).await;
-    again.send(&format!(r#"{{"op":3,"d":{{"token":"{t}","type":0}}}}"#)).await;
+    again
+        .send(&format!(r#"{{"op":3,"d":{{"token":"{t}","type":0}}}}"#))
+        .await;
     assert_eq!(again.close_code().await, 4001);
     let dev_token = srv.token("/auth/developer").await;
     let mut wrong_type = Client::connect(srv.addr).await;
-    wrong_type.send(&format!(r#"{{"op":3,"d":{{"token":"{dev_token}","type":0}}}}"#)).await;
+    wrong_type
+        .send(&format!(
+            r#"{{"op":3,"d":{{"token":"{dev_token}","type":0}}}}"#
+        ))
+        .await;
     assert_eq!(wrong_type.close_code().await, 4001);
 }
 
@@ -129,7 +156,10 @@ async fn newer_connection_wins() {
     let srv = TestServer::start().await;
     let mut old = srv.producer("same").await;
     let mut new = srv.producer("same").await;
-    assert_eq!(old.closed().await, Closed::Code(4002, "Duplicate connection opened".into()));
+    assert_eq!(
+        old.closed().await,
+        Closed::Code(4002, "Duplicate connection opened".into())
+    );
     new.ping().await;
     // Consumers: one per developer by default; the older one goes.
     let mut c1 = srv.consumer().await;
@@ -144,13 +174,17 @@ async fn concurrent_identifies_leave_exactly_one_connection() {
     let srv = TestServer::start().await;
     let mut racers = Vec::new();
     for _ in 0..20 {
-        racers.push((Client::connect(srv.addr).await, srv.token("/auth/user?id=racer").await));
+        racers.push((
+            Client::connect(srv.addr).await,
+            srv.token("/auth/user?id=racer").await,
+        ));
     }
     let handles: Vec<_> = racers
         .into_iter()
         .map(|(mut c, t)| {
             tokio::spawn(async move {
-                c.send(&format!(r#"{{"op":3,"d":{{"token":"{t}","type":0}}}}"#)).await;
+                c.send(&format!(r#"{{"op":3,"d":{{"token":"{t}","type":0}}}}"#))
+                    .await;
                 assert_eq!(c.recv().await, r#"{"op":4}"#);
                 c
             })
@@ -178,14 +212,20 @@ async fn oversize_messages_close_with_1009_whole_or_fragmented() {
     let srv = TestServer::start_with(|c| c.max_frame_bytes = 1024).await;
     let mut bystander = srv.producer("b").await;
     let mut whole = srv.producer("w").await;
-    whole.submit("X", &format!(r#"{{"p":"{}"}}"#, "a".repeat(2000))).await;
+    whole
+        .submit("X", &format!(r#"{{"p":"{}"}}"#, "a".repeat(2000)))
+        .await;
     assert_eq!(whole.close_code().await, 1009);
     let mut fragmented = srv.producer("f").await;
     // 8 fragments of 200 bytes: each frame is small, the message is not.
     let chunk = "a".repeat(200);
-    fragmented.send_msg(fragment(chunk.as_bytes(), true, false)).await;
+    fragmented
+        .send_msg(fragment(chunk.as_bytes(), true, false))
+        .await;
     for i in 0..7 {
-        fragmented.send_msg(fragment(chunk.as_bytes(), false, i == 6)).await;
+        fragmented
+            .send_msg(fragment(chunk.as_bytes(), false, i == 6))
+            .await;
     }
     assert_eq!(fragmented.close_code().await, 1009);
     // Just under the limit, fragmented, is one ordinary SUBMIT.

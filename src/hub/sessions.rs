@@ -10,8 +10,11 @@ use std::sync::Arc;
 
 use super::types::{Kick, KickReason};
 
+/// (developer, user) → (connection id, its off switch).
+type UserMap = DashMap<(Arc<str>, Arc<str>), (u64, Arc<Kick>)>;
+
 pub struct Sessions {
-    users: DashMap<(Arc<str>, Arc<str>), (u64, Arc<Kick>)>,
+    users: UserMap,
     developers: DashMap<Arc<str>, VecDeque<(u64, Arc<Kick>)>>,
     max_consumers: usize,
 }

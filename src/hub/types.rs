@@ -167,11 +167,13 @@ impl Outbox {
         })
     }
 
-    /// Claims room for a batch; false when it would overflow (the subscriber is too slow).
+    /// Claims room for a batch; false when the outbox is already full (the subscriber is
+    /// too slow). A batch is taken whole, so the queue may pass the bound by one group
+    /// commit (`commit_batch_max`), never more.
     pub fn try_claim(&self, frames: usize, bytes: usize) -> bool {
-        let f = self.frames.fetch_add(frames, Ordering::AcqRel) + frames;
-        let b = self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if f > self.max_frames || b > self.max_bytes {
+        let f = self.frames.fetch_add(frames, Ordering::AcqRel);
+        let b = self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        if f >= self.max_frames || b >= self.max_bytes {
             self.release(frames, bytes);
             return false;
         }
@@ -210,11 +212,17 @@ mod tests {
     #[test]
     fn outbox_bounds_frames_and_bytes() {
         let o = Outbox::new(3, 100);
+        // A batch larger than the bound is taken when the queue is empty.
+        assert!(o.try_claim(5, 10));
+        assert!(!o.try_claim(1, 10));
+        o.release(5, 10);
         assert!(o.try_claim(2, 10));
-        assert!(!o.try_claim(2, 10));
-        assert!(o.try_claim(1, 10));
-        o.release(3, 20);
-        assert!(!o.try_claim(1, 101));
+        assert!(o.try_claim(2, 10));
+        assert!(!o.try_claim(1, 10));
+        o.release(4, 20);
+        assert!(o.try_claim(1, 150));
+        assert!(!o.try_claim(1, 1));
+        o.release(1, 150);
         assert_eq!(o.queued_frames(), 0);
     }
 

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use sensorgate::config::{Config, DeveloperConfig, Durability};
+pub use sensorgate::config::{Config, DeveloperConfig};
 
 pub const DEV: &str = "acme";
 pub const KEY: &str = "acme-key";
@@ -26,8 +26,16 @@ pub fn config(dir: &Path) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.to_path_buf(),
         developers: vec![
-            DeveloperConfig { id: DEV.into(), api_key: Some(KEY.into()), api_key_sha256: None },
-            DeveloperConfig { id: DEV2.into(), api_key: Some(KEY2.into()), api_key_sha256: None },
+            DeveloperConfig {
+                id: DEV.into(),
+                api_key: Some(KEY.into()),
+                api_key_sha256: None,
+            },
+            DeveloperConfig {
+                id: DEV2.into(),
+                api_key: Some(KEY2.into()),
+                api_key_sha256: None,
+            },
         ],
         ..Config::default()
     }
@@ -51,7 +59,11 @@ impl TestServer {
         tweak(&mut c);
         let server = sensorgate::Server::start(c).await.expect("server starts");
         let addr = server.local_addr();
-        Self { server: Some(server), addr, dir }
+        Self {
+            server: Some(server),
+            addr,
+            dir,
+        }
     }
 
     pub async fn stop(&mut self) {
@@ -65,7 +77,12 @@ impl TestServer {
     }
 
     pub async fn producer(&self, uid: &str) -> Client {
-        Client::identified(self.addr, &self.token(&format!("/auth/user?id={uid}")).await, 0).await
+        Client::identified(
+            self.addr,
+            &self.token(&format!("/auth/user?id={uid}")).await,
+            0,
+        )
+        .await
     }
 
     pub async fn consumer(&self) -> Client {
@@ -78,19 +95,32 @@ impl TestServer {
 }
 
 /// A minimal HTTP/1.1 request over a fresh connection: (status, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n"
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&buf).to_string();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -118,17 +148,25 @@ pub enum Closed {
 
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/connect")).await.expect("upgrade");
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/connect"))
+            .await
+            .expect("upgrade");
         let mut c = Self { ws };
         let hello = c.recv_json().await;
         assert_eq!(hello["op"], 2, "HELLO first: {hello}");
-        assert!(hello["d"]["heartbeat_interval"].as_u64().is_some(), "{hello}");
+        assert!(
+            hello["d"]["heartbeat_interval"].as_u64().is_some(),
+            "{hello}"
+        );
         c
     }
 
     pub async fn identified(addr: SocketAddr, token: &str, kind: u8) -> Self {
         let mut c = Self::connect(addr).await;
-        c.send(&format!(r#"{{"op":3,"d":{{"token":"{token}","type":{kind}}}}}"#)).await;
+        c.send(&format!(
+            r#"{{"op":3,"d":{{"token":"{token}","type":{kind}}}}}"#
+        ))
+        .await;
         assert_eq!(c.recv().await, r#"{"op":4}"#);
         c
     }
@@ -144,7 +182,9 @@ impl Client {
     /// The next text frame; panics on close or timeout.
     pub async fn recv(&mut self) -> String {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a frame in time");
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time");
             match msg {
                 Some(Ok(Message::Text(t))) => return t.to_string(),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
@@ -160,9 +200,13 @@ impl Client {
     /// Reads until the server closes; returns the code, skipping any frames before it.
     pub async fn closed(&mut self) -> Closed {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next()).await.expect("close in time");
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("close in time");
             match msg {
-                Some(Ok(Message::Close(Some(frame)))) => return Closed::Code(u16::from(frame.code), frame.reason.to_string()),
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Closed::Code(u16::from(frame.code), frame.reason.to_string())
+                }
                 Some(Ok(Message::Close(None))) => return Closed::Code(1005, String::new()),
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return Closed::Abrupt,
@@ -197,7 +241,10 @@ pub fn fragment(data: &[u8], first: bool, fin: bool) -> Message {
 }
 
 pub fn ws_close(code: u16) -> Message {
-    Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame { code: WsCode::from(code), reason: "".into() }))
+    Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: WsCode::from(code),
+        reason: "".into(),
+    }))
 }
 
 /// A `sensorgate` process, for kill -9 and SIGTERM tests.
@@ -219,8 +266,12 @@ impl Process {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let started = std::time::Instant::now();
         loop {
-            if let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
-                let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            if let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+            {
+                let _ = s
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await;
                 let mut buf = Vec::new();
                 if s.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200") {
                     break;
@@ -233,7 +284,11 @@ impl Process {
     }
 
     pub fn signal(&self, sig: &str) {
-        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
 
@@ -245,7 +300,11 @@ impl Process {
 
 /// A free loopback port (bound and released; the process binds it right after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes a config file for a [`Process`].
@@ -263,13 +322,24 @@ pub fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
 pub fn dispatch(text: &str) -> (u64, String, String, String) {
     let v: Value = serde_json::from_str(text).unwrap();
     assert_eq!(v["op"], 5, "{text}");
-    (v["seq"].as_u64().unwrap(), v["uid"].as_str().unwrap().into(), v["t"].as_str().unwrap().into(), v["d"].to_string())
+    (
+        v["seq"].as_u64().unwrap(),
+        v["uid"].as_str().unwrap().into(),
+        v["t"].as_str().unwrap().into(),
+        v["d"].to_string(),
+    )
 }
 
 /// The value of a metric line `name{labels} value` in a scrape, 0 when absent.
 pub fn metric(scrape: &str, name_and_labels: &str) -> f64 {
     scrape
         .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }

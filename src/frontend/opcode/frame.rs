@@ -190,6 +190,10 @@ fn normalise_type(t: &str) -> Result<String, DecodeError> {
     Ok(t.to_ascii_uppercase())
 }
 
+/// What [`decode_simd`] extracts: op, upper-cased `t`, re-serialised `d`.
+#[doc(hidden)]
+pub type SimdFrame = (u64, Option<String>, Option<Vec<u8>>);
+
 /// The simd-json decoder, kept for the benchmark comparison and checked against
 /// [`Inbound::decode`] in tests. It parses a copy (simd-json rewrites its input) and
 /// re-serialises `d`, so `d` is not byte-for-byte: production uses [`Inbound::decode`].
@@ -198,7 +202,7 @@ pub fn decode_simd(
     text: &[u8],
     scratch: &mut Vec<u8>,
     buffers: &mut simd_json::Buffers,
-) -> Result<(u64, Option<String>, Option<Vec<u8>>), DecodeError> {
+) -> Result<SimdFrame, DecodeError> {
     use simd_json::prelude::*;
     scratch.clear();
     scratch.extend_from_slice(text);
