@@ -150,6 +150,11 @@ pub struct RelayArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
 
+    /// Producer socket send buffer (SO_SNDBUF, which Linux doubles): bounds
+    /// the bytes a producer has written that the server has not read yet.
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub inflight: u32,
+
     /// After producers stop, wait up to this long for consumers to catch up.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub drain: f64,
@@ -186,6 +191,10 @@ pub struct ReplayArgs {
     #[arg(long, short, value_name = "BYTES", default_value_t = 120)]
     pub size: usize,
 
+    /// Producer socket send buffer of the fill (see `relay --inflight`).
+    #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
+    pub inflight: u32,
+
     /// Without a known end seq (--no-fill), stop after this many seconds without a frame.
     #[arg(long, value_name = "SECS", default_value_t = 1.0)]
     pub idle: f64,
@@ -202,7 +211,8 @@ pub struct ConnectionsArgs {
     #[arg(long, short = 'k', value_name = "K", default_value_t = 64)]
     pub concurrency: usize,
 
-    /// Keep the connections open this long (heartbeating) before measuring again.
+    /// Keep the connections open this long before measuring again; every
+    /// connection heartbeats at ¾ of the server's HELLO interval throughout.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub hold: f64,
 }
@@ -218,22 +228,25 @@ mod tests {
     }
 
     #[test]
-    fn global_options_anywhere() {
-        let cli = Cli::try_parse_from([
+    fn global_options_before_or_after_the_scenario() {
+        let before =
+            Cli::try_parse_from(["sensorgate-load", "--dev", "a:b", "--json", "relay"]).unwrap();
+        let after = Cli::try_parse_from([
             "sensorgate-load",
+            "relay",
             "--dev",
             "a:b",
-            "relay",
             "--json",
-            "--dev",
-            "c:d",
             "-p",
             "2",
         ])
         .unwrap();
-        assert_eq!(cli.common.devs, ["a:b", "c:d"]);
-        assert!(cli.common.json);
-        let Scenario::Relay(r) = cli.scenario else {
+        for cli in [&before, &after] {
+            assert_eq!(cli.common.devs, ["a:b"]);
+            assert!(cli.common.json);
+            assert_eq!(cli.common.url, "ws://127.0.0.1:8080");
+        }
+        let Scenario::Relay(r) = &after.scenario else {
             panic!("expected relay")
         };
         assert_eq!(r.producers, 2);

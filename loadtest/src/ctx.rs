@@ -30,14 +30,12 @@ impl Ctx {
         self.stop.is_set() || Instant::now() >= self.deadline
     }
 
-    /// Sleeps for `d`, waking early on stop or the deadline. Returns false if
-    /// woken early.
-    pub async fn sleep(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
+    /// Sleeps for `d`, waking early on stop or at the deadline.
+    pub async fn sleep(&self, d: Duration) {
         let mut stop = self.stop.clone();
         tokio::select! {
-            _ = tokio::time::sleep_until(self.bound(until)) => Instant::now() >= until,
-            _ = stop.wait() => false,
+            _ = tokio::time::sleep_until(self.bound(Instant::now() + d)) => {}
+            _ = stop.wait() => {}
         }
     }
 }

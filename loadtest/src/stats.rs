@@ -70,14 +70,14 @@ impl Tally {
         self.0.is_empty()
     }
 
-    /// `4009×3, eof×1` (or `none`).
+    /// `3× 4009, 1× eof` (or `none`).
     pub fn describe(&self) -> String {
         if self.0.is_empty() {
             return "none".into();
         }
         self.0
             .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
+            .map(|(k, v)| format!("{v}× {k}"))
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -125,7 +125,7 @@ mod tests {
         t.add("4009", 2);
         t.add("4009", 1);
         t.add("1001", 1);
-        assert_eq!(t.describe(), "1001×1, 4009×3");
+        assert_eq!(t.describe(), "1× 1001, 3× 4009");
         assert_eq!(t.total(), 4);
         assert_eq!(
             end_key(&ReadEnd::Closed(Some(4005)), false).as_deref(),

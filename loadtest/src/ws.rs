@@ -13,7 +13,7 @@ use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter, Chain};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
 
 use crate::frames::{self, ClientKind};
@@ -27,6 +27,16 @@ pub type WsWrite = WebSocketWrite<BufWriter<OwnedWriteHalf>>;
 
 /// How long each setup step (connect, upgrade, HELLO, READY) may take.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Client-side buffering of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Buffers {
+    /// User-space write buffer; frames are flushed from it per batch.
+    pub write: usize,
+    /// Kernel send buffer (SO_SNDBUF), bounding unsent bytes under
+    /// backpressure; `None` leaves the kernel's autotuning.
+    pub send: Option<u32>,
+}
 
 /// An identified connection.
 pub struct Session {
@@ -106,21 +116,17 @@ impl fmt::Display for SetupError {
 impl std::error::Error for SetupError {}
 
 /// Connects, upgrades, waits for HELLO, identifies and waits for READY.
-/// `write_capacity` sizes the write buffer (large for producers).
 pub async fn open(
     target: &Target,
     token: &str,
     kind: ClientKind,
-    write_capacity: usize,
+    buffers: Buffers,
 ) -> Result<Session, SetupError> {
-    let stream = timeout(STEP_TIMEOUT, TcpStream::connect(target.addr))
+    let stream = timeout(STEP_TIMEOUT, connect(target, buffers.send))
         .await
         .map_err(|_| SetupError::new(Stage::Connect, "timed out"))?
         .map_err(|e| SetupError::new(Stage::Connect, e))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| SetupError::new(Stage::Connect, e))?;
-    let (read, write) = timeout(STEP_TIMEOUT, upgrade(stream, target, write_capacity))
+    let (read, write) = timeout(STEP_TIMEOUT, upgrade(stream, target, buffers.write))
         .await
         .map_err(|_| SetupError::new(Stage::Upgrade, "timed out"))??;
     let mut session = Session {
@@ -166,6 +172,20 @@ pub async fn open(
             }
         }
     }
+}
+
+async fn connect(target: &Target, send_buffer: Option<u32>) -> std::io::Result<TcpStream> {
+    let socket = if target.addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(size) = send_buffer {
+        socket.set_send_buffer_size(size)?;
+    }
+    let stream = socket.connect(target.addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 async fn upgrade(
@@ -260,9 +280,7 @@ pub async fn send_now(write: &mut WsWrite, text: &mut [u8]) -> Result<(), WebSoc
 
 /// Sends `{"op":0}` and flushes.
 pub async fn heartbeat(write: &mut WsWrite) -> Result<(), WebSocketError> {
-    let mut hb = *b"{\"op\":0}";
-    debug_assert_eq!(&hb[..], frames::HEARTBEAT);
-    send_now(write, &mut hb).await
+    send_now(write, &mut frames::HEARTBEAT.to_vec()).await
 }
 
 /// Sends a normal-closure close frame and flushes.
@@ -394,7 +412,7 @@ mod tests {
     fn rfc6455_accept_key() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzxwoK+xrbPo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 

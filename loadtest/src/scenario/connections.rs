@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{connect_many, lock, Job, LiveConn, SMALL_WRITE_BUFFER};
+use super::{connect_many, lock, Job, LiveConn, CONTROL_BUFFERS};
 use crate::cli::ConnectionsArgs;
 use crate::ctx::Ctx;
 use crate::frames::ClientKind;
@@ -174,7 +174,7 @@ pub async fn run(ctx: &Ctx, args: &ConnectionsArgs) -> Result<ConnectionsReport>
         }
     });
     let started = Instant::now();
-    connect_many(ctx, jobs, concurrency, SMALL_WRITE_BUFFER, {
+    connect_many(ctx, jobs, concurrency, CONTROL_BUFFERS, {
         let (conns, failures, done) = (conns.clone(), failures.clone(), done.clone());
         move |_, result| {
             match result {
@@ -204,8 +204,10 @@ pub async fn run(ctx: &Ctx, args: &ConnectionsArgs) -> Result<ConnectionsReport>
     while Instant::now() < hold_until && !ctx.should_stop() {
         let open = conns.iter().filter(|c| !c.is_finished()).count();
         hold_progress.set_message(format!("{} open", report::count(open as u64)));
-        ctx.sleep(Duration::from_millis(250).min(hold_until - Instant::now()))
-            .await;
+        ctx.sleep(
+            Duration::from_millis(250).min(hold_until.saturating_duration_since(Instant::now())),
+        )
+        .await;
     }
     hold_progress.finish();
     let hold_secs = hold_started.elapsed().as_secs_f64();

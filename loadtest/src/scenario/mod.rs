@@ -21,10 +21,13 @@ use crate::frames::ClientKind;
 use crate::http::HttpClient;
 use crate::stats::end_key;
 use crate::target::Target;
-use crate::ws::{self, Flow, ReadEnd, Session, SetupError, Stage, WsWrite};
+use crate::ws::{self, Buffers, Flow, ReadEnd, Session, SetupError, Stage, WsWrite};
 
-/// Write buffer of connections that only send control frames.
-pub const SMALL_WRITE_BUFFER: usize = 512;
+/// Buffers of connections that only send control frames.
+pub const CONTROL_BUFFERS: Buffers = Buffers {
+    write: 512,
+    send: None,
+};
 
 /// One connection to set up.
 #[derive(Clone)]
@@ -50,7 +53,7 @@ pub async fn connect_many<F>(
     ctx: &Ctx,
     jobs: Vec<Job>,
     concurrency: usize,
-    write_capacity: usize,
+    buffers: Buffers,
     on_result: F,
 ) where
     F: Fn(usize, Result<Session, SetupError>) + Send + Sync + 'static,
@@ -71,7 +74,7 @@ pub async fn connect_many<F>(
                 let result = if stop.is_set() || Instant::now() >= deadline {
                     Err(SetupError::new(Stage::Connect, "run stopped before setup"))
                 } else {
-                    timeout_at(deadline, setup(&mut http, &target, job, write_capacity))
+                    timeout_at(deadline, setup(&mut http, &target, job, buffers))
                         .await
                         .unwrap_or_else(|_| {
                             Err(SetupError::new(Stage::Connect, "hard timeout reached"))
@@ -89,12 +92,12 @@ pub async fn connect_all(
     ctx: &Ctx,
     jobs: Vec<Job>,
     concurrency: usize,
-    write_capacity: usize,
+    buffers: Buffers,
 ) -> Vec<SetupResult> {
     let slots: Arc<Mutex<Vec<Option<SetupResult>>>> =
         Arc::new(Mutex::new((0..jobs.len()).map(|_| None).collect()));
     let sink = slots.clone();
-    connect_many(ctx, jobs, concurrency, write_capacity, move |i, r| {
+    connect_many(ctx, jobs, concurrency, buffers, move |i, r| {
         lock(&sink)[i] = Some(r);
     })
     .await;
@@ -109,14 +112,14 @@ async fn setup(
     http: &mut HttpClient,
     target: &Target,
     job: &Job,
-    write_capacity: usize,
+    buffers: Buffers,
 ) -> Result<Session, SetupError> {
     let token = match (job.kind, &job.uid) {
         (ClientKind::Producer, Some(uid)) => http.user_token(&job.dev, uid).await,
         _ => http.developer_token(&job.dev).await,
     }
     .map_err(|e| SetupError::new(Stage::Token, format!("{e:#}")))?;
-    ws::open(target, &token, job.kind, write_capacity).await
+    ws::open(target, &token, job.kind, buffers).await
 }
 
 /// Control messages for a [`LiveConn`]'s writer task.

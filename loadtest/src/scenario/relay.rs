@@ -4,7 +4,7 @@
 //! SUBMIT→DISPATCH latency and check exactly-once, in-order delivery.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use serde::Serialize;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep_until, timeout, timeout_at, Instant};
 
-use super::{connect_all, lock, Job, LiveConn, SMALL_WRITE_BUFFER};
+use super::{connect_all, lock, Job, LiveConn, CONTROL_BUFFERS};
 use crate::check::Checker;
 use crate::cli::RelayArgs;
 use crate::creds::Developer;
@@ -24,7 +24,7 @@ use crate::progress::Progress;
 use crate::report::{self, Outcome, Table};
 use crate::scan::Parser;
 use crate::stats::{end_key, latency_histogram, record_latency, Latency, Tally};
-use crate::ws::{self, Flow, Session, WsWrite};
+use crate::ws::{self, Buffers, Flow, Session, WsWrite};
 
 /// Producer write buffer: batches are flushed well before it fills.
 const PRODUCER_WRITE_BUFFER: usize = 64 * 1024;
@@ -43,6 +43,8 @@ pub struct RelayPlan {
     pub count: Option<u64>,
     pub size: usize,
     pub batch: usize,
+    /// Producer SO_SNDBUF.
+    pub inflight: u32,
     pub drain: Duration,
     pub parser: Parser,
     /// Producer uids are `<prefix>-<developer>-<i>`.
@@ -81,6 +83,7 @@ impl RelayPlan {
             count: a.count,
             size: a.size,
             batch: a.batch,
+            inflight: a.inflight,
             drain: secs("--drain", a.drain)?,
             parser: a.parser,
             uid_prefix: "load",
@@ -104,6 +107,8 @@ pub struct RelayReport {
     pub consumers: usize,
     pub rate_target: Option<f64>,
     pub frame_bytes: usize,
+    /// Producer SO_SNDBUF as requested.
+    pub inflight_bytes: u32,
     pub parser: Parser,
     /// From releasing the producers to the last one stopping.
     pub window_secs: f64,
@@ -158,9 +163,10 @@ impl RelayReport {
         t.row(
             "load",
             format!(
-                "{} B frames, rate {}",
+                "{} B frames, rate {}, {} in flight per producer",
                 self.frame_bytes,
-                self.rate_target.map_or("unlimited".into(), report::rate)
+                self.rate_target.map_or("unlimited".into(), report::rate),
+                report::bytes(f64::from(self.inflight_bytes))
             ),
         );
         t.row("window", format!("{:.2} s", self.window_secs));
@@ -286,7 +292,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         .collect();
     let tracked_delivered = Arc::new(AtomicU64::new(0));
     let mut consumers = Vec::new();
-    for (j, result) in connect_all(ctx, jobs, SETUP_CONCURRENCY, SMALL_WRITE_BUFFER)
+    for (j, result) in connect_all(ctx, jobs, SETUP_CONCURRENCY, CONTROL_BUFFERS)
         .await
         .into_iter()
         .enumerate()
@@ -307,12 +313,14 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
             latency: latency_histogram(),
             unexpected: Tally::default(),
         };
-        let (parser, delivered) = (plan.parser, tracked_delivered.clone());
+        let got = Arc::new(AtomicU64::new(0));
+        let counters = [tracked_delivered.clone(), got.clone()];
+        let parser = plan.parser;
         let conn = LiveConn::spawn(session, state, move |st: &mut ConsumerState, text| {
-            on_consumer_frame(st, text, parser, &delivered);
+            on_consumer_frame(st, text, parser, &counters);
             Flow::Continue
         });
-        consumers.push((dev, conn));
+        consumers.push((dev, conn, got));
     }
 
     // Producers: connect all, then release them together.
@@ -325,7 +333,11 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
             uid: Some(uid.clone()),
         })
         .collect();
-    let sessions = connect_all(ctx, jobs, SETUP_CONCURRENCY, PRODUCER_WRITE_BUFFER).await;
+    let buffers = Buffers {
+        write: PRODUCER_WRITE_BUFFER,
+        send: Some(plan.inflight),
+    };
+    let sessions = connect_all(ctx, jobs, SETUP_CONCURRENCY, buffers).await;
     let mut setup_failures = Tally::default();
     let mut ready = Vec::new();
     for ((dev, uid), result) in uids.iter().zip(sessions) {
@@ -335,7 +347,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         }
     }
     if ready.is_empty() {
-        for (_, c) in consumers {
+        for (_, c, _) in consumers {
             c.finish(Instant::now() + Duration::from_secs(2)).await;
         }
         bail!("no producer could connect: {}", setup_failures.describe());
@@ -343,16 +355,17 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
 
     let live = ready.len() as u64;
     let rate_each = plan.rate.map(|r| r / live as f64);
-    let sent_total = Arc::new(AtomicU64::new(0));
+    let shared = Arc::new(ProducerShared {
+        sent: AtomicU64::new(0),
+        active: AtomicUsize::new(ready.len()),
+        delivered: tracked_delivered.clone(),
+        delivered_at_end: AtomicU64::new(0),
+    });
     let started = Instant::now();
     let end_at = plan
         .duration
         .map_or(ctx.deadline, |dur| ctx.bound(started + dur));
-    let ticker = spawn_ticker(
-        progress.clone(),
-        sent_total.clone(),
-        tracked_delivered.clone(),
-    );
+    let ticker = spawn_ticker(progress.clone(), shared.clone());
     let mut producers = JoinSet::new();
     let mut uid_dev = HashMap::new();
     for (i, (dev, uid, session)) in ready.into_iter().enumerate() {
@@ -373,7 +386,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         producers.spawn(run_producer(
             session,
             spec,
-            sent_total.clone(),
+            shared.clone(),
             ctx.stop.clone(),
         ));
     }
@@ -381,8 +394,13 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
     while let Some(outcome) = producers.join_next().await {
         outcomes.push(outcome?);
     }
-    let window = started.elapsed();
-    let delivered_in_window = tracked_delivered.load(Ordering::Relaxed);
+    let window = outcomes
+        .iter()
+        .map(|o| o.stopped_at)
+        .max()
+        .unwrap_or(started)
+        .duration_since(started);
+    let delivered_in_window = shared.delivered_at_end.load(Ordering::Relaxed);
 
     // Drain: wait (bounded) until consumers have everything they should.
     let sent_by_uid: HashMap<String, u64> =
@@ -391,17 +409,20 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
     for o in &outcomes {
         sent_by_dev[uid_dev[&o.uid]] += o.sent;
     }
-    let expected: u64 = consumers.iter().map(|(dev, _)| sent_by_dev[*dev]).sum();
+    let expected: u64 = consumers.iter().map(|(dev, ..)| sent_by_dev[*dev]).sum();
+    let has_all = |dev: usize, got: &AtomicU64| got.load(Ordering::Relaxed) >= sent_by_dev[dev];
     let drain_start = Instant::now();
     let drain_until = ctx.bound(drain_start + plan.drain);
     let drained = loop {
-        if tracked_delivered.load(Ordering::Relaxed) >= expected {
-            break true;
+        // Done when every consumer has its readings or can get no more.
+        let waiting = consumers
+            .iter()
+            .any(|(dev, c, got)| !c.is_finished() && !has_all(*dev, got));
+        if !waiting {
+            break consumers.iter().all(|(dev, _, got)| has_all(*dev, got));
         }
-        if Instant::now() >= drain_until
-            || ctx.stop.is_set()
-            || consumers.iter().all(|(_, c)| c.is_finished())
-        {
+        // Ctrl-C stops the producers but not this bounded wait.
+        if Instant::now() >= drain_until {
             break false;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -421,7 +442,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
             errors.add(format!("producer: {e}"), 1);
         }
     }
-    for (_, c) in &consumers {
+    for (_, c, _) in &consumers {
         c.begin_close();
     }
     let close_deadline = Instant::now() + Duration::from_secs(5);
@@ -429,7 +450,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
     let mut totals = crate::check::DeliveryStats::default();
     let mut lost = 0;
     let mut last_seq = Vec::new();
-    for (dev, c) in consumers {
+    for (dev, c, _) in consumers {
         let state = c.state.clone();
         let ended = c.finish(close_deadline).await;
         if let Some(code) = ended.server_close {
@@ -466,6 +487,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         frame_bytes: plan
             .size
             .max(SubmitBuilder::unpadded_len(frames::unix_nanos(), 0)),
+        inflight_bytes: plan.inflight,
         parser: plan.parser,
         window_secs: window.as_secs_f64(),
         sent,
@@ -494,7 +516,14 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
     Ok(report)
 }
 
-fn on_consumer_frame(st: &mut ConsumerState, text: &[u8], parser: Parser, delivered: &AtomicU64) {
+/// Handles one consumer frame; `delivered` counters (run total, this
+/// consumer) count DISPATCHes of tracked uids.
+fn on_consumer_frame(
+    st: &mut ConsumerState,
+    text: &[u8],
+    parser: Parser,
+    delivered: &[Arc<AtomicU64>; 2],
+) {
     let Some(frame) = parser.parse(text) else {
         st.unexpected.add("unparsable frame", 1);
         return;
@@ -503,7 +532,9 @@ fn on_consumer_frame(st: &mut ConsumerState, text: &[u8], parser: Parser, delive
         Some(5) => {
             let now = frames::unix_nanos();
             if st.checker.observe(frame.uid.as_deref(), frame.n, frame.seq) {
-                delivered.fetch_add(1, Ordering::Relaxed);
+                for counter in delivered {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
                 if let Some(ts) = frame.ts {
                     record_latency(&mut st.latency, ts, now);
                 }
@@ -515,19 +546,15 @@ fn on_consumer_frame(st: &mut ConsumerState, text: &[u8], parser: Parser, delive
 }
 
 /// Updates the progress message with counts and rates every 250 ms.
-fn spawn_ticker(
-    progress: Arc<Progress>,
-    sent: Arc<AtomicU64>,
-    delivered: Arc<AtomicU64>,
-) -> JoinHandle<()> {
+fn spawn_ticker(progress: Arc<Progress>, shared: Arc<ProducerShared>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let (mut at, mut s0, mut d0) = (Instant::now(), 0, 0);
         loop {
             tick.tick().await;
             let (s, dl) = (
-                sent.load(Ordering::Relaxed),
-                delivered.load(Ordering::Relaxed),
+                shared.sent.load(Ordering::Relaxed),
+                shared.delivered.load(Ordering::Relaxed),
             );
             let dt = at.elapsed().as_secs_f64().max(1e-3);
             progress.set_message(format!(
@@ -555,10 +582,24 @@ struct ProducerSpec {
     deadline: Instant,
 }
 
+/// Counters the producers share with the run.
+struct ProducerShared {
+    /// Readings flushed by all producers.
+    sent: AtomicU64,
+    /// Producers still producing.
+    active: AtomicUsize,
+    /// Tracked deliveries so far (the consumers' counter).
+    delivered: Arc<AtomicU64>,
+    /// `delivered` when the last producer stopped: the window's deliveries.
+    delivered_at_end: AtomicU64,
+}
+
 struct ProducerOutcome {
     uid: String,
     /// Readings flushed to the socket.
     sent: u64,
+    /// When it stopped producing (before closing).
+    stopped_at: Instant,
     error: Option<String>,
     server_close: Option<String>,
 }
@@ -568,7 +609,7 @@ struct ProducerOutcome {
 async fn run_producer(
     session: Session,
     spec: ProducerSpec,
-    sent_total: Arc<AtomicU64>,
+    shared: Arc<ProducerShared>,
     mut stop: Stop,
 ) -> ProducerOutcome {
     let period = session.heartbeat_period();
@@ -634,13 +675,19 @@ async fn run_producer(
         };
         match timeout_at(spec.deadline, batch).await {
             Ok(Ok(())) => {
-                sent_total.fetch_add(n - flushed, Ordering::Relaxed);
+                shared.sent.fetch_add(n - flushed, Ordering::Relaxed);
                 flushed = n;
             }
             Ok(Err(e)) => break Some(e.to_string()),
             Err(_) => break Some("write blocked until the hard timeout".to_string()),
         }
     };
+
+    let stopped_at = Instant::now();
+    if shared.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        shared.delivered_at_end.store(delivered, Ordering::Relaxed);
+    }
 
     closing.store(true, Ordering::SeqCst);
     let _ = timeout(Duration::from_secs(2), close_quietly(&mut write)).await;
@@ -655,6 +702,7 @@ async fn run_producer(
     ProducerOutcome {
         uid: spec.uid,
         sent: flushed,
+        stopped_at,
         error,
         server_close,
     }

@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::relay::{self, RelayPlan, RelayReport};
-use super::{lock, LiveConn, SMALL_WRITE_BUFFER};
+use super::{lock, LiveConn, CONTROL_BUFFERS};
 use crate::check::SeqTracker;
 use crate::cli::ReplayArgs;
 use crate::ctx::Ctx;
@@ -24,8 +24,8 @@ use crate::scan::{self, Parser};
 use crate::stats::Tally;
 use crate::ws::{self, Flow};
 
-/// How long to wait for the first replayed frame, and the idle limit when
-/// the end seq is known (a stall, not the end of the stream).
+/// The idle limit when the end seq is known (a gap is then a stall, not the
+/// end of the range).
 const STALL_LIMIT: Duration = Duration::from_secs(10);
 
 /// Results of a replay run.
@@ -169,6 +169,7 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
             count: Some(args.count),
             size: args.size,
             batch: 64,
+            inflight: args.inflight,
             drain: Duration::from_secs(30),
             parser: Parser::Scan,
             uid_prefix: "fill",
@@ -185,14 +186,11 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
 
     let mut http = HttpClient::new(ctx.target.clone());
     let token = http.developer_token(&dev).await?;
-    let session = ws::open(
-        &ctx.target,
-        &token,
-        ClientKind::Consumer,
-        SMALL_WRITE_BUFFER,
-    )
-    .await
-    .map_err(|e| anyhow!("replay consumer could not connect: {e}"))?;
+    let session = ws::open(&ctx.target, &token, ClientKind::Consumer, CONTROL_BUFFERS)
+        .await
+        .map_err(|e| anyhow!("replay consumer could not connect: {e}"))?;
+    // Stop reading as soon as the last wanted seq arrives.
+    let stop_at = expected_last.or(args.before.map(|b| b - 1));
     let frames_seen = Arc::new(AtomicU64::new(0));
     let state = ReplayState {
         tracker: SeqTracker::default(),
@@ -208,7 +206,7 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
                 st.bytes += text.len() as u64;
                 st.last_frame = Some(Instant::now());
                 counter.fetch_add(1, Ordering::Relaxed);
-                if let (Some(seq), Some(end)) = (f.seq, expected_last) {
+                if let (Some(seq), Some(end)) = (f.seq, stop_at) {
                     if seq >= end {
                         return Flow::Stop;
                     }
@@ -239,10 +237,11 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
             break;
         }
         let last = lock(&conn.state).last_frame;
-        let limit = match (last, expected_last) {
-            (None, _) => STALL_LIMIT.max(idle),
-            (Some(_), None) => idle,
-            (Some(_), Some(_)) => STALL_LIMIT.max(idle),
+        // With a known end, a gap is a stall to wait out (bounded); without,
+        // the idle gap is how the end of the stored range is recognised.
+        let limit = match expected_last {
+            Some(_) => STALL_LIMIT.max(idle),
+            None => idle,
         };
         if last.unwrap_or(started).elapsed() >= limit {
             ended_idle = true;

@@ -41,8 +41,8 @@ pub enum Inbound<'a> {
         kind: IdentifyType,
     },
     Submit {
-        /// Upper-cased data type.
-        t: String,
+        /// Upper-cased data type (borrowed when the client already sent it upper-case).
+        t: Cow<'a, str>,
         /// The sample exactly as sent; always a JSON object or array.
         d: &'a RawValue,
     },
@@ -155,7 +155,7 @@ impl<'a> Inbound<'a> {
                 }
                 let t = t.ok_or(shape("SUBMIT", "missing t"))?;
                 Ok(Inbound::Submit {
-                    t: normalise_type(&t)?,
+                    t: normalise_type(t)?,
                     d,
                 })
             }
@@ -183,11 +183,14 @@ impl<'a> Inbound<'a> {
 }
 
 /// Data types are matched without case and sent upper-case: `heart_rate` is `HEART_RATE`.
-fn normalise_type(t: &str) -> Result<String, DecodeError> {
+fn normalise_type(t: Cow<'_, str>) -> Result<Cow<'_, str>, DecodeError> {
     if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(shape("SUBMIT", "t must be 1-64 letters, digits or '_'"));
     }
-    Ok(t.to_ascii_uppercase())
+    if t.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Ok(Cow::Owned(t.to_ascii_uppercase()));
+    }
+    Ok(t)
 }
 
 /// What [`decode_simd`] extracts: op, upper-cased `t`, re-serialised `d`.
@@ -361,7 +364,7 @@ mod tests {
         }
         match decode(r#"{"d":[0.1,0.2,9.8],"t":"ACCELERATION","op":6,"extra":true}"#).unwrap() {
             Inbound::Submit { t, d } => {
-                assert_eq!((t.as_str(), d.get()), ("ACCELERATION", "[0.1,0.2,9.8]"))
+                assert_eq!((&*t, d.get()), ("ACCELERATION", "[0.1,0.2,9.8]"))
             }
             other => panic!("{other:?}"),
         }

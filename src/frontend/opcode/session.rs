@@ -22,7 +22,7 @@ pub enum Step<'a> {
         role: Role,
     },
     /// Publish a reading (producers only).
-    Submit { t: String, d: &'a RawValue },
+    Submit { t: Cow<'a, str>, d: &'a RawValue },
     /// Replay stored readings (consumers only).
     Replay { after: u64, before: Option<u64> },
 }
