@@ -130,9 +130,7 @@ fn decode_serde_json(text: &[u8]) -> Option<Submit<'_, &[u8]>> {
     match Inbound::decode(text).ok()? {
         Inbound::Submit { t, d } => Some(Submit {
             op: 6,
-            // `.into()` keeps this building whether `t` is a `String` or a `Cow`.
-            #[allow(clippy::useless_conversion)]
-            t: t.into(),
+            t,
             d: d.get().as_bytes(),
         }),
         _ => None,
