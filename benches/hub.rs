@@ -23,7 +23,6 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use sensorgate::config::Durability;
 use sensorgate::frontend::opcode::dispatch_template;
@@ -96,7 +95,7 @@ fn fan_out(c: &mut Criterion) {
                     id,
                     tx,
                     outbox: outbox.clone(),
-                    kick: Kick::new(CancellationToken::new()),
+                    kick: Kick::new(),
                 };
                 stream.subscribe(sub).await.expect("subscribed");
                 let done_tx = done_tx.clone();

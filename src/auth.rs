@@ -3,13 +3,16 @@
 //! Owns the developer table (keys kept only as SHA-256 digests), the token signing secret,
 //! token minting (JWT, HS256) and single-use redemption. Produces a [`Principal`] for the
 //! connection layer. Imports nothing above it: no sockets, no hub, no store. The only files it
-//! touches are its own two in the data directory (the secret and the demo developer).
+//! touches are its own in the data directory: the secret, the demo developer, and the journal
+//! of redeemed token ids ([`RedeemJournal`]).
 
 use dashmap::DashMap;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,6 +24,8 @@ use crate::config::DeveloperConfig;
 pub const SECRET_FILE: &str = "token_secret";
 /// File in the data directory holding the demo developer made on first run.
 pub const DEMO_FILE: &str = "demo-developer.toml";
+/// Directory in the data directory holding the journal of redeemed token ids.
+pub const REDEEMED_DIR: &str = "redeemed-tokens";
 
 /// What a connection is allowed to do; the IDENTIFY `type` must agree with the token's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +97,8 @@ pub struct Auth {
     /// Redeemed token ids with their expiry; pruned as they expire.
     redeemed: DashMap<String, u64>,
     next_prune: AtomicU64,
+    /// Where redeemed ids are also written, so a restart does not make them usable again.
+    journal: Option<RedeemJournal>,
 }
 
 impl Auth {
@@ -119,7 +126,19 @@ impl Auth {
             ttl_s,
             redeemed: DashMap::new(),
             next_prune: AtomicU64::new(0),
+            journal: None,
         }
+    }
+
+    /// Remembers redeemed token ids in `dir` across restarts, loading the unexpired ones
+    /// written by earlier runs.
+    pub fn with_journal(mut self, dir: &Path) -> std::io::Result<Self> {
+        let journal = RedeemJournal::open(dir, self.ttl_s)?;
+        for (jti, exp) in journal.load(unix_now())? {
+            self.redeemed.insert(jti, exp);
+        }
+        self.journal = Some(journal);
+        Ok(self)
     }
 
     /// Checks a developer's API key in constant time (with respect to the key's content).
@@ -176,12 +195,22 @@ impl Auth {
     /// Verifies a token for IDENTIFY and burns it: a second redemption of the same token fails
     /// until it would have expired anyway.
     pub fn redeem(&self, token: &str, role: Role) -> Result<Principal, AuthError> {
+        self.redeem_as(token, Some(role))
+    }
+
+    /// [`Auth::redeem`] for either role: the token says which (STOMP's CONNECT names none).
+    pub fn redeem_any(&self, token: &str) -> Result<Principal, AuthError> {
+        self.redeem_as(token, None)
+    }
+
+    fn redeem_as(&self, token: &str, want: Option<Role>) -> Result<Principal, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.into_kind()))?;
         let claims = data.claims;
-        if claims.role != role {
+        if want.is_some_and(|r| r != claims.role) {
             return Err(AuthError::WrongRole(claims.role.as_str()));
         }
+        let role = claims.role;
         if !self.developers.contains_key(&claims.dev) {
             return Err(AuthError::UnknownDeveloper);
         }
@@ -190,6 +219,9 @@ impl Auth {
         match self.redeemed.entry(claims.jti) {
             dashmap::Entry::Occupied(_) => return Err(AuthError::Redeemed),
             dashmap::Entry::Vacant(v) => {
+                if let Some(journal) = &self.journal {
+                    journal.record(v.key(), claims.exp);
+                }
                 v.insert(claims.exp);
             }
         }
@@ -221,6 +253,96 @@ impl Auth {
             return;
         }
         self.redeemed.retain(|_, exp| *exp >= now);
+        if let Some(journal) = &self.journal {
+            journal.drop_expired(now);
+        }
+    }
+}
+
+/// Redeemed token ids on disk: one file per window of expiry times, `<dir>/<window>`, with a
+/// line `<exp> <jti>` per redemption. A file whose whole window lies in the past holds only
+/// expired ids and is deleted; nothing is ever rewritten. Lines are written without fsync: a
+/// killed process loses none (they are in the page cache), a power cut may lose the last
+/// few seconds of redemptions.
+pub struct RedeemJournal {
+    dir: PathBuf,
+    window_s: u64,
+    current: parking_lot::Mutex<Option<(u64, File)>>,
+}
+
+impl RedeemJournal {
+    fn open(dir: &Path, ttl_s: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            window_s: ttl_s.max(60),
+            current: parking_lot::Mutex::new(None),
+        })
+    }
+
+    /// The windows on disk, by number.
+    fn windows(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let window = path
+                .file_name()
+                .and_then(|n| n.to_str()?.parse::<u64>().ok());
+            if let Some(window) = window {
+                out.push((window, path));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ids that have not expired at `now`.
+    fn load(&self, now: u64) -> std::io::Result<Vec<(String, u64)>> {
+        let mut ids = Vec::new();
+        for (window, path) in self.windows()? {
+            if (window + 1) * self.window_s <= now {
+                continue;
+            }
+            for line in BufReader::new(File::open(&path)?).lines() {
+                let line = line?;
+                // A line cut short by a crash fails to parse and is skipped.
+                if let Some((exp, jti)) = line.split_once(' ') {
+                    if let Ok(exp) = exp.parse::<u64>() {
+                        if exp >= now && !jti.is_empty() {
+                            ids.push((jti.to_owned(), exp));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    fn record(&self, jti: &str, exp: u64) {
+        let window = exp / self.window_s;
+        let mut current = self.current.lock();
+        let result = (|| {
+            if current.as_ref().map(|(w, _)| *w) != Some(window) {
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(window.to_string()))?;
+                *current = Some((window, file));
+            }
+            let (_, file) = current.as_mut().expect("opened above");
+            file.write_all(format!("{exp} {jti}\n").as_bytes())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not journal a redeemed token id; it is remembered until restart only");
+        }
+    }
+
+    fn drop_expired(&self, now: u64) {
+        let Ok(windows) = self.windows() else { return };
+        for (window, path) in windows {
+            if (window + 1) * self.window_s <= now {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 }
 
@@ -377,6 +499,29 @@ mod tests {
         assert_eq!(a.redeem(&t, Role::User), Err(AuthError::Redeemed));
         let d = a.mint("acme", Role::Developer, None).unwrap();
         assert_eq!(&*a.redeem(&d, Role::Developer).unwrap().developer, "acme");
+    }
+
+    #[test]
+    fn a_redeemed_token_stays_redeemed_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join(REDEEMED_DIR);
+        let first = auth(60).with_journal(&journal).unwrap();
+        let used = first.mint("acme", Role::User, Some("u-1")).unwrap();
+        let unused = first.mint("acme", Role::User, Some("u-2")).unwrap();
+        first.redeem(&used, Role::User).unwrap();
+        drop(first);
+        let restarted = auth(60).with_journal(&journal).unwrap();
+        assert_eq!(
+            restarted.redeem(&used, Role::User),
+            Err(AuthError::Redeemed)
+        );
+        assert!(restarted.redeem(&unused, Role::User).is_ok());
+        // Only unexpired ids are loaded, and expired windows are deleted.
+        let j = RedeemJournal::open(&journal, 60).unwrap();
+        let later = unix_now() + 10_000;
+        assert!(j.load(later).unwrap().is_empty());
+        j.drop_expired(later);
+        assert!(j.windows().unwrap().is_empty());
     }
 
     #[test]

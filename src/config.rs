@@ -58,6 +58,39 @@ pub struct DeveloperConfig {
     pub api_key_sha256: Option<String>,
 }
 
+/// Who a STOMP rule admits: connections without a token, with a user (producer) token, or
+/// with a developer token.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StompPrincipal {
+    Anonymous,
+    User,
+    Developer,
+}
+
+/// Which principals may SUBSCRIBE to and SEND to destinations under `prefix`; the longest
+/// matching prefix decides, and a destination no rule covers is refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StompRule {
+    pub prefix: String,
+    #[serde(default)]
+    pub subscribe: Vec<StompPrincipal>,
+    #[serde(default)]
+    pub send: Vec<StompPrincipal>,
+}
+
+impl StompRule {
+    fn open(prefix: &str) -> Self {
+        use StompPrincipal::*;
+        Self {
+            prefix: prefix.into(),
+            subscribe: vec![Anonymous, User, Developer],
+            send: vec![Anonymous, User, Developer],
+        }
+    }
+}
+
 /// The effective configuration. Field names are the TOML keys and, upper-cased with the
 /// `SENSORGATE_` prefix, the environment variables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +136,23 @@ pub struct Config {
     pub token_secret: Option<String>,
     /// Log lines as JSON instead of text.
     pub log_json: bool,
+    /// STOMP: the heart-beat the server offers both ways in CONNECTED (0: none). The
+    /// negotiated rates follow the spec's max() rule; a client silent for twice its rate
+    /// is closed.
+    pub stomp_heart_beat_ms: u64,
+    /// STOMP: headers per frame.
+    pub stomp_max_headers: usize,
+    /// STOMP: bytes per header line (and per command line).
+    pub stomp_max_header_line: usize,
+    /// STOMP: subscriptions one connection may hold.
+    pub stomp_max_subscriptions: usize,
+    /// STOMP: further paths serving raw STOMP over WebSocket, beside `/stomp/websocket`.
+    pub stomp_paths: Vec<String>,
+    /// STOMP: CONNECT without a token is allowed (seed 000: "no authentication is
+    /// required"); what an anonymous client may do is up to `stomp_rules`.
+    pub stomp_anonymous: bool,
+    /// STOMP: who may SUBSCRIBE and SEND where. Default: both topic prefixes open to all.
+    pub stomp_rules: Vec<StompRule>,
     pub developers: Vec<DeveloperConfig>,
 }
 
@@ -132,6 +182,13 @@ impl Default for Config {
             submit_rate_per_s: 0,
             token_secret: None,
             log_json: false,
+            stomp_heart_beat_ms: 10_000,
+            stomp_max_headers: 64,
+            stomp_max_header_line: 8192,
+            stomp_max_subscriptions: 64,
+            stomp_paths: Vec::new(),
+            stomp_anonymous: true,
+            stomp_rules: vec![StompRule::open("/topic/"), StompRule::open("/v1/topic/")],
             developers: Vec::new(),
         }
     }
@@ -171,6 +228,11 @@ const ENV_KEYS: &[&str] = &[
     "submit_rate_per_s",
     "token_secret",
     "log_json",
+    "stomp_heart_beat_ms",
+    "stomp_max_headers",
+    "stomp_max_header_line",
+    "stomp_max_subscriptions",
+    "stomp_anonymous",
 ];
 
 impl Config {
@@ -244,7 +306,13 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 12] = [
+        let positive: [(&'static str, u64); 15] = [
+            ("stomp_max_headers", self.stomp_max_headers as u64),
+            ("stomp_max_header_line", self.stomp_max_header_line as u64),
+            (
+                "stomp_max_subscriptions",
+                self.stomp_max_subscriptions as u64,
+            ),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("identify_timeout_ms", self.identify_timeout_ms),
             ("token_ttl_s", self.token_ttl_s),
@@ -264,6 +332,34 @@ impl Config {
         for (key, value) in positive {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        for rule in &self.stomp_rules {
+            if !rule.prefix.starts_with('/') || !rule.prefix.ends_with('/') {
+                return Err(invalid(
+                    "stomp_rules.prefix",
+                    format!("{:?}: must start and end with '/'", rule.prefix),
+                ));
+            }
+        }
+        for path in &self.stomp_paths {
+            let builtin = [
+                "/connect",
+                "/metrics",
+                "/healthz",
+                "/readyz",
+                "/stomp",
+                "/stomp/info",
+                "/stomp/websocket",
+                "/api/publish",
+                "/auth/user",
+                "/auth/developer",
+            ];
+            if !path.starts_with('/') || builtin.contains(&path.as_str()) {
+                return Err(invalid(
+                    "stomp_paths",
+                    format!("{path:?}: must start with '/' and not be a built-in route"),
+                ));
             }
         }
         if self.max_frame_bytes < 256 {

@@ -10,18 +10,22 @@
 //! auth, metrics, config, shutdown: used by all, import nothing above them
 //! ```
 //! - [`config`]: schema, defaults, file + env + flags.
-//! - [`server`]: the listener, connection cap, HTTP routes, WebSocket upgrades.
-//! - [`conn`]: one client's life: reader task, single writer, deadlines, close codes.
-//! - [`frontend`]: the opcode protocol (seed 001): frames and session rules.
-//! - [`hub`]: streams, seq assignment by one owner per stream, fan-out, slow consumers,
-//!   duplicate connections, retention.
+//! - [`server`]: the listener, connection cap, HTTP routes, WebSocket upgrades, the
+//!   publish API.
+//! - [`conn`]: one client's life in one task: the shared socket, then the opcode or STOMP
+//!   session on it; deadlines, close codes.
+//! - [`frontend`]: the opcode protocol (seed 001) and STOMP (seeds 000 and 002): frames and
+//!   session rules.
+//! - [`hub`]: streams, seq assignment by one owner per stream, live topics, fan-out, slow
+//!   consumers, duplicate connections, retention.
 //! - [`log`]: the store traits and the sled implementation with group commit.
 //! - [`auth`]: developers, API keys, single-use tokens.
 //!
-//! A SUBMIT's path: socket → `conn` reader (size capped, fragments joined) →
-//! `frontend::opcode` decode and session check → `hub` stream queue (the only await) →
-//! the stream owner assigns seqs, appends to `log`, commits → one shared DISPATCH batch →
-//! each consumer's bounded outbox → its writer, which writes everything queued in one go.
+//! A SUBMIT's path: socket → `conn` (frames parsed in place, size capped, fragments joined) →
+//! `frontend::opcode` decode and session check → `hub` stream queue (waited on only when
+//! full) → the stream owner assigns seqs, appends to `log`, commits → one shared DISPATCH
+//! batch → each consumer's bounded outbox → its connection task, which writes everything
+//! queued in one go.
 
 #![forbid(unsafe_code)]
 
@@ -91,7 +95,11 @@ impl Server {
         } else {
             (config.developers.clone(), None, false)
         };
-        let auth = Arc::new(auth::Auth::new(&developers, &secret, config.token_ttl_s));
+        let auth = Arc::new(
+            auth::Auth::new(&developers, &secret, config.token_ttl_s)
+                .with_journal(&config.data_dir.join(auth::REDEEMED_DIR))
+                .map_err(dir_err)?,
+        );
         metrics::handles();
 
         let store = log::SledStore::open(
@@ -123,6 +131,7 @@ impl Server {
             ctx,
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_connections: config.max_connections,
+            stomp_paths: config.stomp_paths.clone(),
         });
         tracing::info!(%addr, durability = ?config.durability, data_dir = %config.data_dir.display(), "listening");
         let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -168,8 +177,10 @@ async fn run(
     grace: Duration,
 ) {
     let background = tokio::spawn(background(hub.clone(), shutdown.clone()));
-    server::accept_loop(listener, app).await;
-    // Connections see the cancelled token and close with 1001.
+    server::accept_loop(listener, app.clone()).await;
+    // The token is cancelled: kick every connection (1001); any that registers later sees
+    // the token and kicks itself.
+    app.ctx.close_all();
     shutdown.tracker().close();
     if tokio::time::timeout(grace, shutdown.tracker().wait())
         .await

@@ -28,6 +28,73 @@ pub const TOKENS_MINTED: &str = "sensorgate_tokens_minted_total";
 pub const HTTP_REQUESTS: &str = "sensorgate_http_requests_total";
 pub const RSS_BYTES: &str = "sensorgate_process_resident_memory_bytes";
 pub const BUILD_INFO: &str = "sensorgate_build_info";
+pub const STOMP_CONNECTIONS: &str = "sensorgate_stomp_connections";
+pub const STOMP_SUBSCRIPTIONS: &str = "sensorgate_stomp_subscriptions";
+pub const STOMP_FRAMES_IN: &str = "sensorgate_stomp_frames_in_total";
+pub const STOMP_FRAMES_OUT: &str = "sensorgate_stomp_frames_out_total";
+pub const STOMP_ERRORS: &str = "sensorgate_stomp_errors_total";
+pub const TOPIC_MESSAGES: &str = "sensorgate_topic_messages_total";
+
+/// STOMP client commands, the `command` label of [`STOMP_FRAMES_IN`].
+pub const STOMP_IN: [&str; 11] = [
+    "connect",
+    "stomp",
+    "send",
+    "subscribe",
+    "unsubscribe",
+    "ack",
+    "nack",
+    "begin",
+    "commit",
+    "abort",
+    "disconnect",
+];
+/// STOMP server frames, the `command` label of [`STOMP_FRAMES_OUT`]; index with [`stomp_out`].
+pub const STOMP_OUT: [&str; 5] = ["connected", "message", "receipt", "error", "heartbeat"];
+
+pub mod stomp_out {
+    pub const CONNECTED: usize = 0;
+    pub const MESSAGE: usize = 1;
+    pub const RECEIPT: usize = 2;
+    pub const ERROR: usize = 3;
+    pub const HEARTBEAT: usize = 4;
+}
+
+/// Why a STOMP connection got an ERROR, the `reason` label of [`STOMP_ERRORS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StompError {
+    /// Malformed bytes, or a frame missing what its command needs.
+    Frame = 0,
+    /// A refused destination.
+    Destination = 1,
+    /// A frame not allowed now: before CONNECT, a second CONNECT, an unknown subscription
+    /// or transaction.
+    State = 2,
+    /// No STOMP version in common.
+    Version = 3,
+    /// No CONNECT in time, or heart-beats missed.
+    Timeout = 4,
+    /// Too many subscriptions or transactions.
+    Limit = 5,
+    /// Messages not read in time (the inbox filled).
+    Slow = 6,
+    /// A token that does not redeem, or none where one is required.
+    Auth = 7,
+    /// A destination the rules do not open to this principal.
+    Forbidden = 8,
+}
+
+pub const STOMP_ERROR_REASONS: [&str; 9] = [
+    "frame",
+    "destination",
+    "state",
+    "version",
+    "timeout",
+    "limit",
+    "slow",
+    "auth",
+    "forbidden",
+];
 
 /// Opcode-protocol frame names, the `op` label of the frame counters; index with [`op_in`]
 /// and [`op_out`].
@@ -83,6 +150,13 @@ pub struct Handles {
     pub store_errors: Counter,
     pub retention_removed: Counter,
     pub rss: Gauge,
+    pub stomp_connections: Gauge,
+    pub stomp_subscriptions: Gauge,
+    pub stomp_in: [Counter; STOMP_IN.len()],
+    pub stomp_out: [Counter; STOMP_OUT.len()],
+    pub stomp_errors: [Counter; STOMP_ERROR_REASONS.len()],
+    /// Messages published to topics, by where they came from: STOMP SEND or the HTTP API.
+    pub topic_messages: [Counter; 2],
 }
 
 /// Which connection gauge: not yet identified, user (producer), developer (consumer).
@@ -139,6 +213,14 @@ pub fn handles() -> &'static Handles {
             store_errors: metrics::counter!(STORE_ERRORS),
             retention_removed: metrics::counter!(RETENTION_REMOVED),
             rss: metrics::gauge!(RSS_BYTES),
+            stomp_connections: metrics::gauge!(STOMP_CONNECTIONS),
+            stomp_subscriptions: metrics::gauge!(STOMP_SUBSCRIPTIONS),
+            stomp_in: STOMP_IN.map(|c| metrics::counter!(STOMP_FRAMES_IN, "command" => c)),
+            stomp_out: STOMP_OUT.map(|c| metrics::counter!(STOMP_FRAMES_OUT, "command" => c)),
+            stomp_errors: STOMP_ERROR_REASONS
+                .map(|r| metrics::counter!(STOMP_ERRORS, "reason" => r)),
+            topic_messages: ["stomp", "http"]
+                .map(|s| metrics::counter!(TOPIC_MESSAGES, "source" => s)),
         }
     })
 }
@@ -174,6 +256,15 @@ fn describe() {
     describe_counter!(TOKENS_MINTED, "Tokens minted over HTTP, by role");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class");
     describe_gauge!(RSS_BYTES, Unit::Bytes, "Resident set size of the process");
+    describe_gauge!(STOMP_CONNECTIONS, "Open STOMP connections");
+    describe_gauge!(STOMP_SUBSCRIPTIONS, "STOMP subscriptions held");
+    describe_counter!(STOMP_FRAMES_IN, "STOMP frames received, by command");
+    describe_counter!(STOMP_FRAMES_OUT, "STOMP frames sent, by command");
+    describe_counter!(
+        STOMP_ERRORS,
+        "STOMP ERROR frames sent (each then closes), by reason"
+    );
+    describe_counter!(TOPIC_MESSAGES, "Messages published to topics, by source");
 }
 
 impl Handles {

@@ -250,3 +250,88 @@ async fn invalid_utf8_closes_1007_and_client_close_is_answered() {
     polite.send_msg(ws_close(1000)).await;
     assert_eq!(polite.close_code().await, 1000);
 }
+
+/// A client that pings but never reads: once its socket is full and 64 pongs wait unsent, the
+/// server closes it with 4008 instead of buffering without bound, and serves everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_closed_4008() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start().await;
+    let mut bystander = srv.producer("bystander").await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(srv.addr).await.unwrap();
+    let upgrade = format!(
+        "GET /connect HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        srv.addr
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let (mut read, mut write) = tcp.into_split();
+
+    // Masked (with a zero key) 125-byte pings, 100 per write; stops at the first error,
+    // which comes once the server has closed.
+    let mut pings = Vec::new();
+    for _ in 0..100 {
+        pings.extend_from_slice(&[0x89, 0x80 | 125, 0, 0, 0, 0]);
+        pings.extend_from_slice(&[b'p'; 125]);
+    }
+    let writer = tokio::spawn(async move {
+        for _ in 0..1000 {
+            if write.write_all(&pings).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Not reading for a while is the point: the server's pongs pile up.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), writer).await;
+
+    let mut bytes = Vec::new();
+    let _ = tokio::time::timeout(WAIT, read.read_to_end(&mut bytes)).await;
+    let body = &bytes[bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    // Walk the server's (unmasked) frames to the close frame.
+    let mut at = 0;
+    let mut close = None;
+    while at + 2 <= body.len() {
+        let (op, len7) = (body[at] & 0x0f, (body[at + 1] & 0x7f) as usize);
+        let (len, head) = match len7 {
+            126 => (u16::from_be_bytes([body[at + 2], body[at + 3]]) as usize, 4),
+            n => (n, 2),
+        };
+        let payload = &body[at + head..(at + head + len).min(body.len())];
+        if op == 8 {
+            close = Some(u16::from_be_bytes([payload[0], payload[1]]));
+            break;
+        }
+        at += head + len;
+    }
+    assert_eq!(close, Some(4008), "{} bytes, walked to {at}", body.len());
+    bystander.ping().await;
+    let scrape = srv.metrics().await;
+    // Other tests in this binary share the recorder: at least this close is counted.
+    assert!(metric(&scrape, r#"sensorgate_close_codes_total{code="4008"}"#) >= 1.0);
+}
+
+/// Many pings in one write are answered, however many: the reply bound is about unread
+/// replies, not about bursts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pings_from_a_reading_client_is_answered() {
+    use futures_util::SinkExt;
+    let srv = TestServer::start().await;
+    let mut c = srv.producer("pinger").await;
+    for i in 0..500u32 {
+        c.ws.feed(Message::Ping(i.to_be_bytes().to_vec().into()))
+            .await
+            .unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    for i in 0..500u32 {
+        let msg = tokio::time::timeout(WAIT, c.ws.next()).await.unwrap();
+        match msg {
+            Some(Ok(Message::Pong(p))) => assert_eq!(&p[..], &i.to_be_bytes()),
+            other => panic!("pong {i}: got {other:?}"),
+        }
+    }
+    c.ping().await;
+}

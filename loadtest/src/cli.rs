@@ -1,5 +1,6 @@
-//! Command-line interface: global connection/credential/output options and
-//! one subcommand per scenario (relay, replay, connections).
+//! Command-line interface: global connection/credential/output options,
+//! one subcommand per scenario (relay, replay, connections), and `null-relay`,
+//! the baseline server the relay scenario is compared with.
 
 use std::path::PathBuf;
 
@@ -25,7 +26,8 @@ use crate::scan;
         sensorgate-load --dev demo:KEY relay --rate 20000 --size 256 --json\n  \
         sensorgate-load --config sensorgate.toml relay --developers 2 --count 100000\n  \
         sensorgate-load --data-dir /tmp/lt-data replay --count 200000\n  \
-        sensorgate-load --data-dir /tmp/lt-data connections --count 5000 --hold 5"
+        sensorgate-load --data-dir /tmp/lt-data connections --count 5000 --hold 5\n  \
+        sensorgate-load null-relay --listen 127.0.0.1:18299   # baseline for relay"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -110,6 +112,56 @@ pub enum Scenario {
     /// Open many idle identified producer connections: setup rate and server
     /// memory per connection.
     Connections(ConnectionsArgs),
+    /// STOMP topic fan-out: publishers SEND to topics, subscribers get MESSAGEs; throughput,
+    /// SEND→MESSAGE latency, loss and order checks. Needs no credentials.
+    Stomp(StompArgs),
+    /// Serve a null relay (no store, no checks) to measure the relay scenario's baseline
+    /// with the same client: run it, then point `relay --url` at it.
+    NullRelay(NullRelayArgs),
+}
+
+/// Options of `stomp`.
+#[derive(Args, Debug, Clone)]
+pub struct StompArgs {
+    /// Topics (`/topic/load-<t>`).
+    #[arg(long, short, default_value_t = 4)]
+    pub topics: usize,
+
+    /// Subscribers per topic.
+    #[arg(long, default_value_t = 10)]
+    pub per_topic: usize,
+
+    /// Publishers (publisher i sends to topic i mod T).
+    #[arg(long, short, default_value_t = 4)]
+    pub publishers: usize,
+
+    /// Total SENDs per second over all publishers (0 or absent: as fast as possible).
+    #[arg(long, short, value_name = "R")]
+    pub rate: Option<f64>,
+
+    /// How long publishers run, in seconds.
+    #[arg(long, short, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Message body size in bytes (JSON, padded).
+    #[arg(long, short, default_value_t = 120)]
+    pub size: usize,
+
+    /// After publishers stop, wait up to this long for subscribers to catch up.
+    #[arg(long, default_value_t = 10.0)]
+    pub drain: f64,
+
+    /// WebSocket path of the STOMP endpoint (RabbitMQ Web-STOMP: /ws).
+    #[arg(long, default_value = "/stomp/websocket")]
+    pub path: String,
+}
+
+/// Options of `null-relay`.
+#[derive(Args, Debug, Clone)]
+pub struct NullRelayArgs {
+    /// Address to listen on (loopback unless --allow-remote).
+    #[arg(long, default_value = "127.0.0.1:18299")]
+    pub listen: std::net::SocketAddr,
 }
 
 /// Options of `relay`.
@@ -149,6 +201,13 @@ pub struct RelayArgs {
     /// SUBMIT frames written per flush (one syscall per batch).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+
+    /// With --rate: start every producer's schedule at the same instant, so all
+    /// of them submit together (a burst of P readings every P/R seconds). By
+    /// default producers are phased evenly over one period, as independent
+    /// devices are.
+    #[arg(long)]
+    pub aligned: bool,
 
     /// Producer socket send buffer (SO_SNDBUF, which Linux doubles): bounds
     /// the bytes a producer has written that the server has not read yet.

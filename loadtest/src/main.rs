@@ -38,6 +38,7 @@ mod creds;
 mod ctx;
 mod frames;
 mod http;
+mod null_relay;
 mod progress;
 mod report;
 mod scan;
@@ -82,23 +83,27 @@ fn run(cli: Cli) -> Result<bool> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| anyhow!("--timeout must be a positive number of seconds"))?;
-    let target = Target::parse(&common.url, common.allow_remote)?;
-    let developers = creds::collect(&creds::Sources {
-        devs: &common.devs,
-        dev_id: common.dev_id.as_deref(),
-        api_key: common.api_key.as_deref(),
-        config: common.config.as_deref(),
-        data_dir: common.data_dir.as_deref(),
-    })?;
-
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = common.threads {
-        builder.worker_threads(threads.max(1));
+    if let Scenario::NullRelay(args) = &cli.scenario {
+        let runtime = runtime(common.threads)?;
+        runtime.block_on(null_relay::serve(args.listen, common.allow_remote))?;
+        runtime.shutdown_timeout(Duration::from_millis(200));
+        return Ok(true);
     }
-    let runtime = builder
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let target = Target::parse(&common.url, common.allow_remote)?;
+    // STOMP topics are open to anonymous clients: no credentials needed.
+    let developers = if matches!(cli.scenario, Scenario::Stomp(_)) {
+        Vec::new()
+    } else {
+        creds::collect(&creds::Sources {
+            devs: &common.devs,
+            dev_id: common.dev_id.as_deref(),
+            api_key: common.api_key.as_deref(),
+            config: common.config.as_deref(),
+            data_dir: common.data_dir.as_deref(),
+        })?
+    };
+
+    let runtime = runtime(common.threads)?;
     let passed = runtime.block_on(async {
         let (stop_tx, stop) = Stop::new();
         tokio::spawn(async move {
@@ -126,6 +131,8 @@ fn run(cli: Cli) -> Result<bool> {
                 Scenario::Connections(args) => {
                     emit(scenario::connections::run(&ctx, args).await?, common.json)
                 }
+                Scenario::Stomp(args) => emit(scenario::stomp::run(&ctx, args).await?, common.json),
+                Scenario::NullRelay(_) => Err(anyhow!("null-relay is served before this point")),
             }
         };
         tokio::time::timeout(timeout + TEARDOWN_GRACE, scenario)
@@ -135,6 +142,17 @@ fn run(cli: Cli) -> Result<bool> {
     // Connection tasks may still be parked on sockets; don't wait for them.
     runtime.shutdown_timeout(Duration::from_millis(200));
     Ok(passed)
+}
+
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = threads {
+        builder.worker_threads(threads.max(1));
+    }
+    builder
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Prints a report as a table or JSON; returns whether it passed.

@@ -126,9 +126,12 @@ pub async fn open(
         .await
         .map_err(|_| SetupError::new(Stage::Connect, "timed out"))?
         .map_err(|e| SetupError::new(Stage::Connect, e))?;
-    let (read, write) = timeout(STEP_TIMEOUT, upgrade(stream, target, buffers.write))
-        .await
-        .map_err(|_| SetupError::new(Stage::Upgrade, "timed out"))??;
+    let (read, write) = timeout(
+        STEP_TIMEOUT,
+        upgrade(stream, target, "/connect", buffers.write),
+    )
+    .await
+    .map_err(|_| SetupError::new(Stage::Upgrade, "timed out"))??;
     let mut session = Session {
         read,
         write,
@@ -188,9 +191,25 @@ async fn connect(target: &Target, send_buffer: Option<u32>) -> std::io::Result<T
     Ok(stream)
 }
 
+/// Connects and upgrades at `path`, with no protocol exchange yet (STOMP starts there).
+pub async fn open_raw(
+    target: &Target,
+    path: &str,
+    buffers: Buffers,
+) -> Result<(WsRead, WsWrite), SetupError> {
+    let stream = timeout(STEP_TIMEOUT, connect(target, buffers.send))
+        .await
+        .map_err(|_| SetupError::new(Stage::Connect, "timed out"))?
+        .map_err(|e| SetupError::new(Stage::Connect, e))?;
+    timeout(STEP_TIMEOUT, upgrade(stream, target, path, buffers.write))
+        .await
+        .map_err(|_| SetupError::new(Stage::Upgrade, "timed out"))?
+}
+
 async fn upgrade(
     mut stream: TcpStream,
     target: &Target,
+    path: &str,
     write_capacity: usize,
 ) -> Result<(WsRead, WsWrite), SetupError> {
     let err = |e: &dyn fmt::Display| SetupError::new(Stage::Upgrade, e);
@@ -198,7 +217,7 @@ async fn upgrade(
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        target.path("/connect"),
+        target.path(path),
         target.host_header
     );
     stream

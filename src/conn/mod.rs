@@ -1,28 +1,32 @@
-//! One client's life on a WebSocket: the reader (this connection's task, which owns the
-//! protocol session), the single writer task ([`writer`]) fed by a bounded control queue and
-//! the hub's outbox, the IDENTIFY and heartbeat deadlines, and the close code at the end.
+//! One client's life on a WebSocket: one task per connection that owns the socket
+//! ([`socket`], shared by every protocol), the protocol session, the deliveries owed
+//! ([`delivery`]), the deadlines, and the close code at the end.
 //!
-//! Owns nothing shared: it borrows the hub, auth and limits through [`ConnCtx`]. Must not
-//! parse protocol frames itself (the front-ends do) or touch the store (the hub does).
+//! Owns nothing shared: it borrows the hub, auth and limits through [`ConnCtx`], which also
+//! keeps every live connection's [`Kick`] so shutdown can reach them. Must not parse
+//! protocol frames itself (the front-ends do) or touch the store (the hub does).
 
+mod delivery;
 mod opcode;
-mod wire;
-mod writer;
+mod socket;
+mod stomp;
+pub mod wire;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::auth::Auth;
-use crate::config::Config;
-use crate::hub::Hub;
+use crate::config::{Config, StompRule};
+use crate::hub::{Hub, Kick, KickReason};
 use crate::shutdown::Shutdown;
 
-/// Replies (ACK, pong) a connection may have waiting for the writer before it is closed
-/// with 4008: a client that sends but never reads cannot grow the server.
-pub const CONTROL_QUEUE: usize = 64;
+/// Replies (ACK, pong) a connection may have waiting unsent before it is closed with 4008:
+/// a client that sends but never reads cannot grow the server.
+pub const REPLY_BACKLOG: usize = 64;
 /// Time the writer gets to send a close frame before the connection is dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -33,6 +37,12 @@ pub struct Limits {
     pub heartbeat_deadline: Duration,
     pub identify_timeout: Duration,
     pub max_frame_bytes: usize,
+    pub stomp_heart_beat_ms: u64,
+    pub stomp_max_headers: usize,
+    pub stomp_max_header_line: usize,
+    pub stomp_max_subscriptions: usize,
+    pub stomp_anonymous: bool,
+    pub stomp_rules: Arc<[StompRule]>,
     pub replay_chunk: usize,
     pub submit_rate_per_s: u32,
 }
@@ -44,6 +54,12 @@ impl From<&Config> for Limits {
             heartbeat_deadline: c.heartbeat_deadline(),
             identify_timeout: Duration::from_millis(c.identify_timeout_ms),
             max_frame_bytes: c.max_frame_bytes,
+            stomp_heart_beat_ms: c.stomp_heart_beat_ms,
+            stomp_max_headers: c.stomp_max_headers,
+            stomp_max_header_line: c.stomp_max_header_line,
+            stomp_max_subscriptions: c.stomp_max_subscriptions,
+            stomp_anonymous: c.stomp_anonymous,
+            stomp_rules: c.stomp_rules.clone().into(),
             replay_chunk: c.replay_chunk,
             submit_rate_per_s: c.submit_rate_per_s,
         }
@@ -57,6 +73,8 @@ pub struct ConnCtx {
     pub shutdown: Shutdown,
     pub limits: Limits,
     next_id: AtomicU64,
+    /// Every open connection's off switch, for shutdown.
+    kicks: DashMap<u64, Arc<Kick>>,
 }
 
 impl ConnCtx {
@@ -67,11 +85,37 @@ impl ConnCtx {
             shutdown,
             limits,
             next_id: AtomicU64::new(1),
+            kicks: DashMap::new(),
         }
     }
 
     fn next_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes a connection reachable by [`ConnCtx::close_all`]. One that registers after
+    /// shutdown began is kicked at once.
+    fn register(&self, id: u64, kick: &Arc<Kick>) {
+        self.kicks.insert(id, kick.clone());
+        if self.shutdown.token().is_cancelled() {
+            kick.kick(KickReason::Shutdown);
+        }
+    }
+
+    fn unregister(&self, id: u64) {
+        self.kicks.remove(&id);
+    }
+
+    /// Asks every open connection to close with 1001.
+    pub fn close_all(&self) {
+        for entry in self.kicks.iter() {
+            entry.value().kick(KickReason::Shutdown);
+        }
+    }
+
+    /// Open connections (upgraded, not yet closed).
+    pub fn open_connections(&self) -> usize {
+        self.kicks.len()
     }
 }
 
@@ -79,4 +123,15 @@ impl ConnCtx {
 /// right behind its upgrade request.
 pub async fn serve_opcode(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
     opcode::run(ctx, stream, leftover).await
+}
+
+/// Serves STOMP on an upgraded socket. `bearer` is a token from the upgrade request's
+/// `Authorization: Bearer` header, for clients that authenticate there (seed 002).
+pub async fn serve_stomp(
+    ctx: Arc<ConnCtx>,
+    stream: TcpStream,
+    leftover: Bytes,
+    bearer: Option<String>,
+) {
+    stomp::run(ctx, stream, leftover, bearer).await
 }

@@ -1,189 +1,215 @@
-//! The opcode protocol's connection: reads messages, asks [`Session`] what they mean, and
-//! carries the step out against auth and the hub. Every way it can end maps to one
-//! [`CloseCode`], counted and logged here.
+//! The opcode protocol's connection: one task that asks [`Session`] what each message means,
+//! carries the step out against auth and the hub, and queues replies and deliveries on the
+//! shared [`WsSocket`]. Every way it can end maps to one [`CloseCode`], counted and logged
+//! here.
+//!
+//! The task is driven by one poll function ([`Conn::poll_io`]) rather than a `select!` of
+//! futures: each wake-up checks the kick flag and the deadline, pulls live batches, then lets
+//! the socket write and read, with nothing registered or dropped per frame.
 
-use bytes::Bytes;
+use fastwebsockets::OpCode;
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant as Deadline};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
-use super::wire::{Message, MessageReader, ReadError};
-use super::writer::{Ctl, Exit, Writer};
-use super::{ConnCtx, CLOSE_TIMEOUT, CONTROL_QUEUE};
+use super::delivery::Delivery;
+use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
+use super::ConnCtx;
+use super::CLOSE_TIMEOUT;
 use crate::auth::{Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
-use crate::hub::{HubError, Kick, KickReason, Publish, StreamHandle, Subscriber};
+use crate::hub::{HubError, Kick, KickReason, Publish, StreamHandle, Subscriber, TryPublishError};
 use crate::metrics::{self, op_in, op_out, ConnRole};
 
-type ReadHalf = tokio::io::Chain<std::io::Cursor<Bytes>, tokio::net::tcp::OwnedReadHalf>;
+/// Rounds of socket work per wake-up before the task lets others run: a flooding producer
+/// must not starve the consumers on the same worker.
+const BUDGET: usize = 4;
 
-/// How the reader's loop ended.
-enum End {
-    /// Close with this code.
-    Close(CloseCode),
-    /// The peer is gone, or the writer already closed: nothing more to send.
-    Gone,
-}
-
-impl From<CloseCode> for End {
-    fn from(code: CloseCode) -> Self {
-        End::Close(code)
-    }
+/// Work the poll function hands to the async loop because it must wait for something other
+/// than this socket.
+enum Wait {
+    /// Claim the session and join the stream.
+    Identify(Principal),
+    /// The stream's queue is full: wait for room, reading nothing meanwhile.
+    Publish(Publish),
 }
 
 struct Conn {
+    io: WsSocket,
+    st: State,
+}
+
+/// Everything but the socket: the session and what it owns.
+struct State {
     ctx: Arc<ConnCtx>,
     id: u64,
     kick: Arc<Kick>,
-    ctl: mpsc::Sender<Ctl>,
+    deadline: Pin<Box<Sleep>>,
     session: Session,
     principal: Option<Principal>,
     stream: Option<StreamHandle>,
+    delivery: Delivery,
     role_gauge: ConnRole,
     /// SUBMITs in the current one-second window, for `submit_rate_per_s`.
     window: (Instant, u32),
 }
 
-pub(super) async fn run(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
+pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Bytes) {
     let m = metrics::handles();
     m.connections_opened.increment(1);
-    let peer = stream.peer_addr().ok();
-    let (read, write) = stream.into_split();
-    let read: ReadHalf = std::io::Cursor::new(leftover).chain(read);
-    // fastwebsockets pairs a read half with a write half; the write side here is our own
-    // batching writer, so its half gets a sink.
-    let (ws, _) = fastwebsockets::after_handshake_split(
-        read,
-        tokio::io::sink(),
-        fastwebsockets::Role::Server,
-    );
-    let mut reader = MessageReader::new(ws, ctx.limits.max_frame_bytes);
-
-    let (ctl, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
-    let writer_done = CancellationToken::new();
-    let mut writer =
-        tokio::spawn(Writer::new(write, ctl_rx, ctx.limits.replay_chunk).run(writer_done.clone()));
-    let hello = Outbound::Hello {
-        heartbeat_interval: ctx.limits.heartbeat_interval_ms,
-    };
-    let _ = ctl.try_send(Ctl::Text(hello.encode().into()));
-    m.frames_out[op_out::HELLO].increment(1);
-
+    let peer = sock.peer_addr().ok();
+    let id = ctx.next_id();
+    let kick = Kick::new();
+    ctx.register(id, &kick);
     let mut conn = Conn {
-        id: ctx.next_id(),
-        kick: Kick::new(ctx.shutdown.token().child_token()),
-        ctl,
-        session: Session::new(),
-        principal: None,
-        stream: None,
-        role_gauge: ConnRole::Pending,
-        window: (Instant::now(), 0),
-        ctx,
+        io: WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id),
+        st: State {
+            id,
+            kick,
+            deadline: Box::pin(sleep_until(Deadline::now() + ctx.limits.identify_timeout)),
+            session: Session::new(),
+            principal: None,
+            stream: None,
+            delivery: Delivery::default(),
+            role_gauge: ConnRole::Pending,
+            window: (Instant::now(), 0),
+            ctx,
+        },
     };
     m.connections[ConnRole::Pending as usize].increment(1.0);
-    tracing::debug!(conn = conn.id, ?peer, "connected");
+    tracing::debug!(conn = id, ?peer, "connected");
 
-    let end = conn.read_loop(&mut reader, &writer_done).await;
+    let hello = Outbound::Hello {
+        heartbeat_interval: conn.st.ctx.limits.heartbeat_interval_ms,
+    };
+    conn.io.out.reply(OpCode::Text, &hello.encode());
+    m.frames_out[op_out::HELLO].increment(1);
+
+    let end = conn.serve().await;
+    let mut sent_close = false;
     if let End::Close(code) = end {
         m.close(code.code());
         m.frames_out[op_out::CLOSE].increment(1);
         match code {
             CloseCode::Normal | CloseCode::GoingAway => {
-                tracing::debug!(conn = conn.id, code = code.code(), "closing")
+                tracing::debug!(conn = id, code = code.code(), "closing")
             }
             _ => tracing::info!(
-                conn = conn.id,
+                conn = id,
                 code = code.code(),
                 reason = code.reason(),
                 "closing"
             ),
         }
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.ctl.send(Ctl::Close(code))).await;
+        sent_close = conn.io.close(code).await;
     }
-    conn.leave().await;
-    drop(conn.ctl);
-    let exit = match tokio::time::timeout(CLOSE_TIMEOUT, &mut writer).await {
-        Ok(Ok(exit)) => exit,
-        _ => {
-            writer.abort();
-            Exit::Failed
-        }
-    };
-    // Give the client a moment to answer our close, so it sees a clean close.
-    if matches!(exit, Exit::Closed(_)) {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            while let Ok(msg) = reader.next().await {
-                if matches!(msg, Message::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+    conn.st.leave().await;
+    conn.st.delivery.finish();
+    conn.st.ctx.unregister(id);
+    if sent_close {
+        conn.io.await_close().await;
     }
-    m.connections[conn.role_gauge as usize].decrement(1.0);
-    tracing::debug!(conn = conn.id, ?exit, "disconnected");
+    m.connections[conn.st.role_gauge as usize].decrement(1.0);
+    tracing::debug!(conn = id, sent_close, "disconnected");
 }
 
 impl Conn {
-    async fn read_loop(
-        &mut self,
-        reader: &mut MessageReader<ReadHalf>,
-        writer_done: &CancellationToken,
-    ) -> End {
-        let limits = self.ctx.limits.clone();
-        let deadline = sleep_until(Deadline::now() + limits.identify_timeout);
-        tokio::pin!(deadline);
+    async fn serve(&mut self) -> End {
         loop {
-            // `reader.next()` is not cancel-safe; every other branch ends the connection.
-            let msg = tokio::select! {
-                msg = reader.next() => msg,
-                _ = &mut deadline => {
-                    return match self.session.role() {
-                        None => CloseCode::IdentifyExpected.into(),
-                        Some(_) => CloseCode::HeartbeatMissed.into(),
-                    };
-                }
-                _ = self.kick.kicked() => return self.kicked(),
-                _ = writer_done.cancelled() => return End::Gone,
-            };
-            let m = metrics::handles();
-            let text = match msg {
-                Ok(Message::Text(text) | Message::Binary(text)) => text,
-                Ok(Message::Ping(payload)) => {
-                    m.frame_in(op_in::CONTROL);
-                    if self.ctl.try_send(Ctl::Pong(payload)).is_err() {
-                        return CloseCode::RateLimited.into();
-                    }
-                    continue;
-                }
-                Ok(Message::Pong) => continue,
-                Ok(Message::Close(_)) => {
-                    m.frame_in(op_in::CONTROL);
-                    return CloseCode::Normal.into();
-                }
-                Err(ReadError::Closed) => return End::Gone,
-                Err(ReadError::TooLarge) => return CloseCode::TooLarge.into(),
-                Err(ReadError::InvalidUtf8) => return CloseCode::InvalidJson.into(),
-                Err(e @ ReadError::Protocol(_)) => {
-                    tracing::debug!(conn = self.id, error = %e, "websocket protocol error");
-                    return CloseCode::Protocol.into();
-                }
-            };
-            match self.on_text(&text).await {
-                Ok(Some(new_deadline)) => deadline.as_mut().reset(Deadline::now() + new_deadline),
-                Ok(None) => {}
+            let wait = match poll_fn(|cx| self.poll_io(cx)).await {
+                Ok(wait) => wait,
                 Err(end) => return end,
+            };
+            let out = &mut self.io.out;
+            let done = match wait {
+                Wait::Identify(principal) => self.st.identify(principal, out).await,
+                Wait::Publish(publish) => self.st.publish_when_room(publish).await,
+            };
+            if let Err(end) = done {
+                return end;
             }
+            self.io.resume();
         }
     }
 
-    /// Handles one text message; returns a new deadline when the message pushes it back.
-    async fn on_text(&mut self, text: &[u8]) -> Result<Option<std::time::Duration>, End> {
+    /// Does all the work that needs no waiting; ready with the first thing that does, or
+    /// with how the connection ends.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<Wait, End>> {
+        let st = &mut self.st;
+        if let Poll::Ready(reason) = st.kick.poll_kicked(cx) {
+            return Poll::Ready(Err(kicked(reason)));
+        }
+        if st.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(match st.session.role() {
+                None => CloseCode::IdentifyExpected.into(),
+                Some(_) => CloseCode::HeartbeatMissed.into(),
+            }));
+        }
+        for _ in 0..BUDGET {
+            let mut progress = false;
+            let out = &mut self.io.out;
+            if out.unsent() < WRITE_HIGH {
+                if st.delivery.replaying() {
+                    let chunk = st.ctx.limits.replay_chunk;
+                    if let Err(code) = st.delivery.replay_step(out.buf(), chunk) {
+                        return Poll::Ready(Err(code.into()));
+                    }
+                    progress = true;
+                } else {
+                    match st.delivery.poll_live(cx, out.buf(), WRITE_HIGH) {
+                        Poll::Ready(Ok(())) if !out.coalesced => {
+                            // Back of the run queue once before writing: commits from the
+                            // other streams' owners that are already runnable land in
+                            // the same write. (A self-wake is one round of the queue;
+                            // `yield_now` would wait for the worker to go idle.)
+                            out.coalesced = true;
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(())) => progress = true,
+                        Poll::Ready(Err(_)) => {
+                            return Poll::Ready(Err(CloseCode::GoingAway.into()))
+                        }
+                        Poll::Pending => {}
+                    }
+                }
+            }
+            match self.io.poll_round(cx, st) {
+                Poll::Ready(Ok(Some(wait))) => return Poll::Ready(Ok(wait)),
+                Poll::Ready(Ok(None)) => progress = true,
+                Poll::Ready(Err(end)) => return Poll::Ready(Err(end)),
+                Poll::Pending => {}
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Handler for State {
+    type Wait = Wait;
+
+    fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Wait>, End> {
+        self.on_text(data, out)
+    }
+
+    fn on_control(&mut self) {
+        metrics::handles().frame_in(op_in::CONTROL);
+    }
+}
+
+impl State {
+    /// Handles one text message.
+    fn on_text(&mut self, text: &[u8], out: &mut Out) -> Result<Option<Wait>, End> {
         let m = metrics::handles();
         let inbound = Inbound::decode(text).map_err(|e| {
             m.frame_in(op_in::INVALID);
@@ -198,11 +224,13 @@ impl Conn {
         match step {
             Step::Ack => {
                 m.frame_in(op_in::HEARTBEAT);
-                self.reply(Outbound::HeartbeatAck, op_out::HEARTBEAT_ACK)?;
-                Ok(self
-                    .session
-                    .role()
-                    .map(|_| self.ctx.limits.heartbeat_deadline))
+                reply(out, Outbound::HeartbeatAck, op_out::HEARTBEAT_ACK);
+                // Before IDENTIFY, heartbeats do not extend the IDENTIFY deadline.
+                if self.session.role().is_some() {
+                    let at = Deadline::now() + self.ctx.limits.heartbeat_deadline;
+                    self.deadline.as_mut().reset(at);
+                }
+                Ok(None)
             }
             Step::Identify { token, role } => {
                 m.frame_in(op_in::IDENTIFY);
@@ -211,8 +239,7 @@ impl Conn {
                     tracing::info!(conn = self.id, error = %e, "IDENTIFY refused");
                     CloseCode::BadToken
                 })?;
-                self.identify(principal).await?;
-                Ok(Some(self.ctx.limits.heartbeat_deadline))
+                Ok(Some(Wait::Identify(principal)))
             }
             Step::Submit { t, d } => {
                 m.frame_in(op_in::SUBMIT);
@@ -220,38 +247,32 @@ impl Conn {
                 let (Some(p), Some(stream)) = (&self.principal, &self.stream) else {
                     return Err(CloseCode::Internal.into());
                 };
-                let frame = dispatch_template(&p.user, &t, d);
-                match stream
-                    .publish(Publish {
-                        frame,
-                        received: Instant::now(),
-                    })
-                    .await
-                {
+                let publish = Publish {
+                    frame: dispatch_template(&p.user, &t, d),
+                    received: Instant::now(),
+                };
+                match stream.try_publish(publish) {
                     Ok(()) => Ok(None),
-                    Err(HubError::Closed) => Err(CloseCode::GoingAway.into()),
-                    Err(e) => {
-                        tracing::warn!(conn = self.id, error = %e, "publish failed");
-                        Err(CloseCode::Internal.into())
-                    }
+                    Err(TryPublishError::Full(publish)) => Ok(Some(Wait::Publish(publish))),
+                    Err(TryPublishError::Hub(e)) => Err(self.hub_error(e)),
                 }
             }
             Step::Replay { after, before } => {
                 m.frame_in(op_in::REPLAY);
-                self.ctl
-                    .try_send(Ctl::Replay { after, before })
-                    .map_err(|_| CloseCode::RateLimited)?;
+                self.delivery.request_replay(after, before)?;
                 Ok(None)
             }
         }
     }
 
-    fn reply(&self, frame: Outbound, op: usize) -> Result<(), End> {
-        self.ctl
-            .try_send(Ctl::Text(frame.encode().into()))
-            .map_err(|_| CloseCode::RateLimited)?;
-        metrics::handles().frames_out[op].increment(1);
-        Ok(())
+    fn hub_error(&self, e: HubError) -> End {
+        match e {
+            HubError::Closed => CloseCode::GoingAway.into(),
+            e => {
+                tracing::warn!(conn = self.id, error = %e, "publish failed");
+                CloseCode::Internal.into()
+            }
+        }
     }
 
     fn check_rate(&mut self) -> Result<(), End> {
@@ -270,8 +291,18 @@ impl Conn {
         Ok(())
     }
 
+    /// Waits for room in the stream's queue; a kick still ends the wait.
+    async fn publish_when_room(&mut self, publish: Publish) -> Result<(), End> {
+        let stream = self.stream.clone().ok_or(CloseCode::Internal)?;
+        let kick = self.kick.clone();
+        tokio::select! {
+            r = stream.publish(publish) => r.map_err(|e| self.hub_error(e)),
+            reason = poll_fn(|cx| kick.poll_kicked(cx)) => Err(kicked(reason)),
+        }
+    }
+
     /// Claims the session slot, joins the stream, and sends READY.
-    async fn identify(&mut self, principal: Principal) -> Result<(), End> {
+    async fn identify(&mut self, principal: Principal, out: &mut Out) -> Result<(), End> {
         let hub = &self.ctx.hub;
         let stream = hub.stream(&principal.developer).map_err(|e| {
             tracing::error!(conn = self.id, error = %e, "cannot open stream");
@@ -285,7 +316,7 @@ impl Conn {
                     self.id,
                     &self.kick,
                 );
-                self.reply(Outbound::Ready, op_out::READY)?;
+                reply(out, Outbound::Ready, op_out::READY);
                 ConnRole::User
             }
             Role::Developer => {
@@ -303,16 +334,9 @@ impl Conn {
                     .subscribe(sub)
                     .await
                     .map_err(|_| CloseCode::GoingAway)?;
-                self.reply(Outbound::Ready, op_out::READY)?;
-                self.ctl
-                    .send(Ctl::Attach {
-                        live,
-                        outbox,
-                        stream: stream.clone(),
-                        head,
-                    })
-                    .await
-                    .map_err(|_| End::Gone)?;
+                // READY goes out before any delivery: both share `out`, in this order.
+                reply(out, Outbound::Ready, op_out::READY);
+                self.delivery.attach(live, outbox, stream.clone(), head);
                 ConnRole::Developer
             }
         };
@@ -324,16 +348,9 @@ impl Conn {
         self.session.identified(principal.role);
         self.principal = Some(principal);
         self.stream = Some(stream);
+        let at = Deadline::now() + self.ctx.limits.heartbeat_deadline;
+        self.deadline.as_mut().reset(at);
         Ok(())
-    }
-
-    fn kicked(&self) -> End {
-        match self.kick.reason() {
-            Some(KickReason::Duplicate) => CloseCode::Duplicate.into(),
-            Some(KickReason::TooSlow) => CloseCode::TooSlow.into(),
-            Some(KickReason::StoreFailed) => CloseCode::Internal.into(),
-            None => CloseCode::GoingAway.into(),
-        }
     }
 
     /// Gives back the session slot and the subscription.
@@ -350,5 +367,20 @@ impl Conn {
             }
         }
         self.stream = None;
+    }
+}
+
+/// Queues a reply frame and counts it.
+fn reply(out: &mut Out, frame: Outbound, op: usize) {
+    out.reply(OpCode::Text, &frame.encode());
+    metrics::handles().frames_out[op].increment(1);
+}
+
+fn kicked(reason: KickReason) -> End {
+    match reason {
+        KickReason::Duplicate => CloseCode::Duplicate.into(),
+        KickReason::TooSlow => CloseCode::TooSlow.into(),
+        KickReason::StoreFailed => CloseCode::Internal.into(),
+        KickReason::Shutdown => CloseCode::GoingAway.into(),
     }
 }

@@ -4,5 +4,6 @@
 
 pub mod close;
 pub mod opcode;
+pub mod stomp;
 
 pub use close::CloseCode;

@@ -1,8 +1,8 @@
 //! The hub: developer streams and their subscribers; ordering, fan-out, the slow-consumer
 //! policy and the duplicate-connection rule.
 //!
-//! Owns the map from stream id to its owner task ([`stream`]), the session registry
-//! ([`sessions`]) and retention. Talks to the log through its traits only and never imports
+//! Owns the map from stream id to its owner task ([`stream`]), the live topics with no log
+//! behind them ([`topics`]), the session registry ([`sessions`]) and retention. Talks to the log through its traits only and never imports
 //! `conn` or a front-end: what goes in and out are the value types in [`types`].
 //!
 //! Full-queue policies: a producer waits for room in its stream's queue
@@ -12,10 +12,12 @@
 
 mod sessions;
 mod stream;
+mod topics;
 mod types;
 
 pub use sessions::Sessions;
-pub use stream::{StreamHandle, Subscriber};
+pub use stream::{StreamHandle, Subscriber, TryPublishError};
+pub use topics::{Delivery as TopicDelivery, Inbox, TopicMessage, Topics};
 pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate, SEQ_DIGITS};
 
 use dashmap::DashMap;
@@ -76,6 +78,7 @@ struct Inner {
     store: Arc<dyn Store>,
     streams: DashMap<Arc<str>, StreamHandle>,
     sessions: Sessions,
+    topics: Topics,
     config: HubConfig,
     owners: TaskTracker,
 }
@@ -87,6 +90,7 @@ impl Hub {
                 store,
                 streams: DashMap::new(),
                 sessions: Sessions::new(config.max_consumers_per_developer),
+                topics: Topics::new(),
                 config,
                 owners: TaskTracker::new(),
             }),
@@ -99,6 +103,11 @@ impl Hub {
 
     pub fn sessions(&self) -> &Sessions {
         &self.inner.sessions
+    }
+
+    /// Live topics (no log) for the STOMP and endpoint front-ends.
+    pub fn topics(&self) -> &Topics {
+        &self.inner.topics
     }
 
     /// A new outbox bound for one consumer.

@@ -77,10 +77,9 @@ impl Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
 
     fn kick() -> Arc<Kick> {
-        Kick::new(CancellationToken::new())
+        Kick::new()
     }
 
     #[test]

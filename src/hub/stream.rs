@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
-use super::types::{Batch, Kick, KickReason, Outbox, Publish};
+use super::types::{Batch, Kick, Outbox, Publish};
 use super::HubError;
 use crate::config::Durability;
 use crate::log::{Entry, LogError, Store, StreamLog};
@@ -27,6 +27,14 @@ pub struct Subscriber {
     pub tx: mpsc::UnboundedSender<Arc<Batch>>,
     pub outbox: Arc<Outbox>,
     pub kick: Arc<Kick>,
+}
+
+/// Why [`StreamHandle::try_publish`] did not queue a reading.
+#[derive(Debug)]
+pub enum TryPublishError {
+    /// The owner's queue is full; here is the reading back.
+    Full(Publish),
+    Hub(HubError),
 }
 
 pub(super) enum Command {
@@ -69,6 +77,22 @@ impl StreamHandle {
             .send(Command::Publish(publish))
             .await
             .map_err(|_| HubError::Closed)
+    }
+
+    /// Queues a reading if the owner's queue has room, without waiting: a connection reads
+    /// and publishes in one synchronous pass. On `Full` the reading comes back, for
+    /// [`StreamHandle::publish`] to wait with.
+    pub fn try_publish(&self, publish: Publish) -> Result<(), TryPublishError> {
+        let until = self.shared.failed_until_ms.load(Ordering::Relaxed);
+        if until != 0 && now_ms() < until {
+            return Err(TryPublishError::Hub(HubError::StoreFailed));
+        }
+        self.tx
+            .try_send(Command::Publish(publish))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(Command::Publish(p)) => TryPublishError::Full(p),
+                _ => TryPublishError::Hub(HubError::Closed),
+            })
     }
 
     /// Adds a subscriber; returns the last seq it will not receive live.
@@ -118,6 +142,18 @@ impl Owner {
         loop {
             if self.rx.recv_many(&mut cmds, self.batch_max).await == 0 {
                 break;
+            }
+            if cmds.len() < self.batch_max {
+                // Let the readers that are already runnable publish too, so a busy stream
+                // commits (and its consumers write) once per scheduler round, not once per
+                // reading. An idle stream pays one trip through the run queue.
+                yield_once().await;
+                while cmds.len() < self.batch_max {
+                    match self.rx.try_recv() {
+                        Ok(cmd) => cmds.push(cmd),
+                        Err(_) => break,
+                    }
+                }
             }
             let mut frames: Vec<Bytes> = Vec::new();
             let mut oldest: Option<Instant> = None;
@@ -242,25 +278,24 @@ impl Reservation {
 fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
     let n = batch.frames.len();
     subs.retain(|s| {
-        if s.kick.is_kicked() {
-            return false;
-        }
-        if !s.outbox.try_claim(n, batch.bytes) {
-            crate::metrics::handles().slow_consumer_closes.increment(1);
-            tracing::info!(
-                conn = s.id,
-                queued = s.outbox.queued_frames(),
-                "consumer too slow, closing it (4009)"
-            );
-            s.kick.kick(KickReason::TooSlow);
-            return false;
-        }
-        if s.tx.send(batch.clone()).is_err() {
-            s.outbox.release(n, batch.bytes);
-            return false;
-        }
-        true
+        s.outbox
+            .offer(&s.kick, &s.tx, batch.clone(), n, batch.bytes, s.id)
     });
+}
+
+/// Goes to the back of the run queue once. Unlike `tokio::task::yield_now`, which defers
+/// the task until its worker has nothing else to do (up to dozens of task polls under load),
+/// a self-wake returns after one round of the tasks already runnable.
+fn yield_once() -> impl std::future::Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
 }
 
 pub fn now_ms() -> u64 {

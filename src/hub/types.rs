@@ -6,8 +6,11 @@
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio_util::sync::CancellationToken;
+
+use atomic_waker::AtomicWaker;
+use tokio::sync::mpsc;
 
 /// An encoded frame waiting for its seq: the bytes before and after the number, in one
 /// buffer with room for the digits, so the stream owner fills it without allocating.
@@ -103,22 +106,22 @@ pub enum KickReason {
     TooSlow = 2,
     /// The stream's store failed.
     StoreFailed = 3,
+    /// The server is shutting down.
+    Shutdown = 4,
 }
 
-/// A connection's off switch, shared with the hub so it can end the connection from outside.
-/// Its token is a child of the server's shutdown token: a kick with no reason is shutdown.
-#[derive(Debug)]
+/// A connection's off switch, shared with the hub and the server so either can end the
+/// connection from outside. A flag and a waker: the connection checks it on every wake-up,
+/// so it must cost an atomic load, not a lock.
+#[derive(Debug, Default)]
 pub struct Kick {
-    token: CancellationToken,
     reason: AtomicU8,
+    waker: AtomicWaker,
 }
 
 impl Kick {
-    pub fn new(token: CancellationToken) -> Arc<Self> {
-        Arc::new(Self {
-            token,
-            reason: AtomicU8::new(0),
-        })
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
     }
 
     /// Ends the connection; the first reason given is the one reported.
@@ -126,7 +129,7 @@ impl Kick {
         let _ = self
             .reason
             .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire);
-        self.token.cancel();
+        self.waker.wake();
     }
 
     pub fn reason(&self) -> Option<KickReason> {
@@ -134,21 +137,30 @@ impl Kick {
             1 => Some(KickReason::Duplicate),
             2 => Some(KickReason::TooSlow),
             3 => Some(KickReason::StoreFailed),
+            4 => Some(KickReason::Shutdown),
             _ => None,
         }
     }
 
     pub fn is_kicked(&self) -> bool {
-        self.token.is_cancelled()
+        self.reason.load(Ordering::Acquire) != 0
     }
 
-    pub async fn kicked(&self) {
-        self.token.cancelled().await
+    /// Ready once kicked; otherwise wakes the task of `cx` when it is.
+    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<KickReason> {
+        if let Some(r) = self.reason() {
+            return Poll::Ready(r);
+        }
+        self.waker.register(cx.waker());
+        match self.reason() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
+        }
     }
 }
 
 /// The bound on one subscriber's queue, counted in frames and bytes: the hub adds what it
-/// queues, the connection's writer subtracts what it has written.
+/// queues, the connection subtracts what it has taken into its write buffer.
 #[derive(Debug)]
 pub struct Outbox {
     frames: AtomicUsize,
@@ -174,6 +186,38 @@ impl Outbox {
         let f = self.frames.fetch_add(frames, Ordering::AcqRel);
         let b = self.bytes.fetch_add(bytes, Ordering::AcqRel);
         if f >= self.max_frames || b >= self.max_bytes {
+            self.release(frames, bytes);
+            return false;
+        }
+        true
+    }
+
+    /// The one policy every fan-out follows: queue `item` on `tx` if this outbox has room
+    /// for it; a subscriber whose outbox is full is kicked as too slow (closed with 4009 or
+    /// an ERROR, counted), one that is gone is dropped. True while the subscriber stays.
+    pub fn offer<T>(
+        &self,
+        kick: &Kick,
+        tx: &mpsc::UnboundedSender<T>,
+        item: T,
+        frames: usize,
+        bytes: usize,
+        conn: u64,
+    ) -> bool {
+        if kick.is_kicked() {
+            return false;
+        }
+        if !self.try_claim(frames, bytes) {
+            crate::metrics::handles().slow_consumer_closes.increment(1);
+            tracing::info!(
+                conn,
+                queued = self.queued_frames(),
+                "subscriber too slow, closing it"
+            );
+            kick.kick(KickReason::TooSlow);
+            return false;
+        }
+        if tx.send(item).is_err() {
             self.release(frames, bytes);
             return false;
         }
@@ -228,7 +272,7 @@ mod tests {
 
     #[test]
     fn kick_keeps_the_first_reason() {
-        let k = Kick::new(CancellationToken::new());
+        let k = Kick::new();
         assert_eq!(k.reason(), None);
         k.kick(KickReason::TooSlow);
         k.kick(KickReason::Duplicate);

@@ -1,7 +1,8 @@
 //! Group commit: one thread that turns many "make it durable" requests into one flush.
 //!
 //! Owns the flush thread of a [`super::SledStore`]. Stream owners ask for a commit and await
-//! the answer; every request that arrives while a flush runs shares the next one. In fast
+//! the answer; every request that arrives while a flush runs shares the next one. Each flush
+//! first moves the streams' in-memory tails into sled, then flushes and syncs. In fast
 //! durability the same thread also flushes on a timer whenever something was appended.
 
 use std::fs::File;
@@ -12,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+use super::sled_store::Pending;
 use super::LogError;
 
 type Waiter = oneshot::Sender<Result<(), LogError>>;
@@ -25,13 +27,23 @@ pub(super) struct Committer {
 
 impl Committer {
     /// Starts the flush thread. `interval` is the timed flush of fast durability.
-    pub(super) fn start(db: sled::Db, data_file: File, interval: Option<Duration>) -> Self {
+    pub(super) fn start(
+        db: sled::Db,
+        data_file: File,
+        interval: Option<Duration>,
+        pending: Arc<Pending>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let dirty = Arc::new(AtomicBool::new(false));
-        let flag = dirty.clone();
+        let store = Flush {
+            db,
+            data_file,
+            dirty: dirty.clone(),
+            pending,
+        };
         let thread = std::thread::Builder::new()
             .name("sensorgate-commit".into())
-            .spawn(move || run(db, data_file, rx, flag, interval))
+            .spawn(move || run(store, rx, interval))
             .expect("the commit thread starts");
         Self {
             tx: parking_lot::Mutex::new(Some(tx)),
@@ -64,13 +76,15 @@ impl Committer {
     }
 }
 
-fn run(
+/// What one flush touches.
+struct Flush {
     db: sled::Db,
     data_file: File,
-    rx: mpsc::Receiver<Waiter>,
     dirty: Arc<AtomicBool>,
-    interval: Option<Duration>,
-) {
+    pending: Arc<Pending>,
+}
+
+fn run(store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>) {
     let mut waiters: Vec<Waiter> = Vec::new();
     loop {
         let first = match interval {
@@ -80,19 +94,19 @@ fn run(
         match first {
             Ok(w) => waiters.push(w),
             Err(RecvTimeoutError::Timeout) => {
-                if !dirty.load(Ordering::Acquire) {
+                if !store.dirty.load(Ordering::Acquire) {
                     continue;
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = flush(&db, &data_file, &dirty) {
+                if let Err(e) = store.flush() {
                     tracing::error!(error = %e, "final flush failed");
                 }
                 return;
             }
         }
         waiters.extend(rx.try_iter());
-        let result = flush(&db, &data_file, &dirty);
+        let result = store.flush();
         if let Err(e) = &result {
             crate::metrics::handles().store_errors.increment(1);
             tracing::error!(error = %e, "group commit failed");
@@ -107,15 +121,18 @@ fn run(
     }
 }
 
-/// sled's own flush uses `sync_file_range`, which neither writes metadata nor flushes the
-/// device cache; the explicit `fdatasync` of its data file is what survives a power cut.
-fn flush(db: &sled::Db, data_file: &File, dirty: &AtomicBool) -> Result<(), LogError> {
-    dirty.store(false, Ordering::Release);
-    let started = Instant::now();
-    db.flush()?;
-    data_file.sync_data()?;
-    crate::metrics::handles()
-        .fsync_seconds
-        .record(started.elapsed().as_secs_f64());
-    Ok(())
+impl Flush {
+    /// sled's own flush uses `sync_file_range`, which neither writes metadata nor flushes the
+    /// device cache; the explicit `fdatasync` of its data file is what survives a power cut.
+    fn flush(&self) -> Result<(), LogError> {
+        self.dirty.store(false, Ordering::Release);
+        self.pending.move_all()?;
+        let started = Instant::now();
+        self.db.flush()?;
+        self.data_file.sync_data()?;
+        crate::metrics::handles()
+            .fsync_seconds
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
 }

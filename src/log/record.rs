@@ -1,8 +1,9 @@
-//! The on-disk format of one group commit: a header, then length-prefixed frames.
+//! The on-disk format of one stored record: a header, then length-prefixed frames.
 //!
 //! `[ts_ms: u64 LE][count: u32 LE]` then `count` times `[len: u32 LE][frame bytes]`, stored
-//! under the big-endian first seq so that keys sort in seq order. One record per commit keeps
-//! the store's per-key overhead off the per-reading path.
+//! under the big-endian first seq so that keys sort in seq order. A record holds what one
+//! stream appended between two flushes, which keeps the store's per-key overhead off the
+//! per-reading path.
 
 use bytes::{BufMut, Bytes};
 

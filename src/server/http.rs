@@ -18,7 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::App;
 use crate::auth::{AuthError, Role};
 
-type Body = Full<Bytes>;
+pub(super) type Body = Full<Bytes>;
 
 pub(super) async fn route(
     req: Request<Incoming>,
@@ -26,7 +26,11 @@ pub(super) async fn route(
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, Infallible> {
     let (name, response) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/connect") => ("connect", connect(req, app, permit)),
+        (&Method::GET, "/connect") => ("connect", connect(req, app, permit, Protocol::Opcode)),
+        (&Method::GET, "/stomp/websocket") => ("stomp", connect(req, app, permit, Protocol::Stomp)),
+        (&Method::POST, "/api/publish") => ("publish", super::publish::publish(req, app).await),
+        (&Method::GET, "/stomp") => ("sockjs", sockjs_welcome()),
+        (&Method::GET, "/stomp/info") => ("sockjs", sockjs_info()),
         (&Method::POST, "/auth/developer") => ("auth_developer", mint(&req, &app, Role::Developer)),
         (&Method::POST, "/auth/user") => ("auth_user", mint(&req, &app, Role::User)),
         (&Method::GET, "/metrics") => ("metrics", metrics()),
@@ -34,11 +38,15 @@ pub(super) async fn route(
         (&Method::GET, "/readyz") => ("readyz", ready(&app)),
         (
             _,
-            "/connect" | "/auth/developer" | "/auth/user" | "/metrics" | "/healthz" | "/readyz",
+            "/connect" | "/auth/developer" | "/auth/user" | "/metrics" | "/healthz" | "/readyz"
+            | "/stomp/websocket" | "/stomp" | "/stomp/info" | "/api/publish",
         ) => (
             "other",
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         ),
+        (&Method::GET, path) if app.stomp_paths.iter().any(|p| p == path) => {
+            ("stomp", connect(req, app, permit, Protocol::Stomp))
+        }
         _ => ("other", text(StatusCode::NOT_FOUND, "not found\n")),
     };
     let class = match response.status().as_u16() {
@@ -62,7 +70,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-fn json(status: StatusCode, body: String) -> Response<Body> {
+pub(super) fn json(status: StatusCode, body: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r.headers_mut()
@@ -70,7 +78,7 @@ fn json(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Body> {
+pub(super) fn error(status: StatusCode, message: &str) -> Response<Body> {
     json(status, serde_json::json!({ "error": message }).to_string())
 }
 
@@ -137,7 +145,7 @@ fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
 }
 
 /// `dev-id` + `x-api-key` headers, or `Authorization: Basic base64(dev-id:api-key)`.
-fn credentials(req: &Request<Incoming>) -> Option<(String, String)> {
+pub(super) fn credentials(req: &Request<Incoming>) -> Option<(String, String)> {
     let h = req.headers();
     let header = |name: &str| {
         h.get(name)
@@ -191,12 +199,58 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `GET /connect`: answers 101 and hands the socket to the opcode protocol once hyper lets
-/// go of it. The connection's permit moves with it.
+/// Which protocol an upgraded socket speaks.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Opcode,
+    Stomp,
+}
+
+/// STOMP subprotocols, most preferred first. Browsers drop a connection whose offered
+/// subprotocol is not echoed; clients that offer none (stomp.py, many Android ones) are
+/// served too.
+const STOMP_SUBPROTOCOLS: [&str; 3] = ["v12.stomp", "v11.stomp", "v10.stomp"];
+
+/// The STOMP subprotocol to echo, from the client's `Sec-WebSocket-Protocol` offers.
+fn stomp_subprotocol(req: &Request<Incoming>) -> Option<&'static str> {
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .collect();
+    STOMP_SUBPROTOCOLS.into_iter().find(|p| offered.contains(p))
+}
+
+/// `GET /stomp`, as Spring's SockJS endpoint answers it, so clients that probe it proceed.
+fn sockjs_welcome() -> Response<Body> {
+    text(StatusCode::OK, "Welcome to SockJS!\n")
+}
+
+/// `GET /stomp/info`: the SockJS info document; only the raw WebSocket transport is served.
+fn sockjs_info() -> Response<Body> {
+    let entropy = getrandom::u32().unwrap_or(0);
+    let mut r = json(
+        StatusCode::OK,
+        format!(
+            r#"{{"entropy":{entropy},"origins":["*:*"],"cookie_needed":false,"websocket":true}}"#
+        ),
+    );
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-store, no-cache, no-transform, must-revalidate, max-age=0"),
+    );
+    r
+}
+
+/// `GET /connect` and `GET /stomp/websocket`: answers 101 and hands the socket to the
+/// protocol once hyper lets go of it. The connection's permit moves with it.
 fn connect(
     mut req: Request<Incoming>,
     app: Arc<App>,
     permit: Arc<OwnedSemaphorePermit>,
+    protocol: Protocol,
 ) -> Response<Body> {
     if app.ctx.shutdown.is_draining() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
@@ -209,7 +263,17 @@ fn connect(
         );
         return r;
     }
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let subprotocol = match protocol {
+        Protocol::Stomp => stomp_subprotocol(&req),
+        Protocol::Opcode => None,
+    };
+    let bearer = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_owned());
+    let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!(error = %e, "bad upgrade request");
@@ -231,11 +295,23 @@ fn connect(
             .downcast::<TokioIo<TcpStream>>()
         {
             Ok(parts) => {
-                crate::conn::serve_opcode(ctx, parts.io.into_inner(), parts.read_buf).await
+                let (stream, leftover) = (parts.io.into_inner(), parts.read_buf);
+                match protocol {
+                    Protocol::Opcode => crate::conn::serve_opcode(ctx, stream, leftover).await,
+                    Protocol::Stomp => {
+                        crate::conn::serve_stomp(ctx, stream, leftover, bearer).await
+                    }
+                }
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
     });
+    if let Some(p) = subprotocol {
+        response.headers_mut().insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(p),
+        );
+    }
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::new(Bytes::new()))
 }

@@ -5,6 +5,7 @@
 //! routes live in [`http`], connection lives in `conn`.
 
 mod http;
+mod publish;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,6 +21,8 @@ pub struct App {
     pub ctx: Arc<ConnCtx>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Further paths serving STOMP, beside `/stomp/websocket`.
+    pub stomp_paths: Vec<String>,
 }
 
 /// Accepts until shutdown begins. A permit is taken before each accept, so at the cap new

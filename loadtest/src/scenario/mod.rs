@@ -6,6 +6,7 @@
 pub mod connections;
 pub mod relay;
 pub mod replay;
+pub mod stomp;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

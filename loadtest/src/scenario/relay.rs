@@ -43,6 +43,8 @@ pub struct RelayPlan {
     pub count: Option<u64>,
     pub size: usize,
     pub batch: usize,
+    /// All producers on one schedule (bursts) instead of phased over a period.
+    pub aligned: bool,
     /// Producer SO_SNDBUF.
     pub inflight: u32,
     pub drain: Duration,
@@ -83,6 +85,7 @@ impl RelayPlan {
             count: a.count,
             size: a.size,
             batch: a.batch,
+            aligned: a.aligned,
             inflight: a.inflight,
             drain: secs("--drain", a.drain)?,
             parser: a.parser,
@@ -106,6 +109,8 @@ pub struct RelayReport {
     pub producers_connected: usize,
     pub consumers: usize,
     pub rate_target: Option<f64>,
+    /// Producers submitted on one shared schedule (bursts).
+    pub aligned: bool,
     pub frame_bytes: usize,
     /// Producer SO_SNDBUF as requested.
     pub inflight_bytes: u32,
@@ -163,9 +168,14 @@ impl RelayReport {
         t.row(
             "load",
             format!(
-                "{} B frames, rate {}, {} in flight per producer",
+                "{} B frames, rate {}{}, {} in flight per producer",
                 self.frame_bytes,
                 self.rate_target.map_or("unlimited".into(), report::rate),
+                match (self.rate_target, self.aligned) {
+                    (Some(_), true) => " (aligned bursts)",
+                    (Some(_), false) => " (phased)",
+                    (None, _) => "",
+                },
                 report::bytes(f64::from(self.inflight_bytes))
             ),
         );
@@ -373,13 +383,19 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
             .count
             .map_or(u64::MAX, |n| n / live + u64::from((i as u64) < n % live));
         uid_dev.insert(uid.clone(), dev);
+        // Producer i's schedule starts i/P of a period late, so readings arrive evenly
+        // rather than as one burst per period.
+        let phase = match rate_each {
+            Some(r) if !plan.aligned => Duration::from_secs_f64(i as f64 / (live as f64 * r)),
+            _ => Duration::ZERO,
+        };
         let spec = ProducerSpec {
             uid,
             quota,
             rate: rate_each,
             size: plan.size,
             batch: plan.batch,
-            started,
+            started: started + phase,
             end_at,
             deadline: ctx.deadline,
         };
@@ -484,6 +500,7 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         producers_connected: outcomes.len(),
         consumers: plan.consumers,
         rate_target: plan.rate,
+        aligned: plan.aligned,
         frame_bytes: plan
             .size
             .max(SubmitBuilder::unpadded_len(frames::unix_nanos(), 0)),

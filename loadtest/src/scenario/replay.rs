@@ -169,6 +169,7 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
             count: Some(args.count),
             size: args.size,
             batch: 64,
+            aligned: false,
             inflight: args.inflight,
             drain: Duration::from_secs(30),
             parser: Parser::Scan,

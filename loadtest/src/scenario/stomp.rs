@@ -1,0 +1,376 @@
+//! `stomp`: topic fan-out over STOMP. P publishers SEND JSON bodies to T topics
+//! (`/topic/load-<t>`, publisher i to topic i mod T); S subscribers per topic receive them
+//! as MESSAGE frames. Measures delivered messages/s and SEND→MESSAGE latency (a timestamp
+//! in the body), and checks that every subscriber got every message of its topic's
+//! publishers once and in order. Needs no credentials: topics are open to anonymous
+//! clients.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio::time::{sleep_until, timeout, Instant};
+
+use crate::cli::StompArgs;
+use crate::ctx::Ctx;
+use crate::frames;
+use crate::report::{self, Outcome, Table};
+use crate::stats::{latency_histogram, record_latency, Latency};
+use crate::ws::{self, Buffers, Flow, WsRead, WsWrite};
+
+/// SEND frames written per flush.
+const BATCH: u64 = 64;
+const BUFFERS: Buffers = Buffers {
+    write: 64 * 1024,
+    send: Some(256 * 1024),
+};
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: &'static str,
+    pub topics: usize,
+    pub publishers: usize,
+    pub subscribers: usize,
+    pub rate_target: Option<f64>,
+    pub body_bytes: usize,
+    pub window_secs: f64,
+    pub sent: u64,
+    pub sent_per_sec: f64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub delivered_per_sec: f64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    pub latency: Option<Latency>,
+    pub errors: Vec<String>,
+    pub passed: bool,
+}
+
+impl Outcome for Report {
+    fn passed(&self) -> bool {
+        self.passed
+    }
+
+    fn table(&self) -> Table {
+        let mut t = Table::new("sensorgate-load stomp");
+        t.row(
+            "shape",
+            format!(
+                "{} publishers → {} topics → {} subscribers",
+                self.publishers, self.topics, self.subscribers
+            ),
+        );
+        t.row(
+            "load",
+            format!(
+                "{} B bodies, rate {}",
+                self.body_bytes,
+                self.rate_target.map_or("unlimited".into(), report::rate)
+            ),
+        );
+        t.row("window", format!("{:.2} s", self.window_secs));
+        t.row(
+            "sent",
+            format!(
+                "{} ({})",
+                report::count(self.sent),
+                report::rate(self.sent_per_sec)
+            ),
+        );
+        t.row(
+            "delivered",
+            format!(
+                "{} of {} ({})",
+                report::count(self.delivered),
+                report::count(self.expected),
+                report::rate(self.delivered_per_sec)
+            ),
+        );
+        if let Some(l) = &self.latency {
+            t.row(
+                "latency p50/p90/p99",
+                format!(
+                    "{} / {} / {}",
+                    report::micros(l.p50_us),
+                    report::micros(l.p90_us),
+                    report::micros(l.p99_us)
+                ),
+            );
+            t.row(
+                "latency p99.9/max",
+                format!(
+                    "{} / {}",
+                    report::micros(l.p999_us),
+                    report::micros(l.max_us)
+                ),
+            );
+        }
+        t.row(
+            "lost",
+            format!("{} {}", self.lost, report::verdict(self.lost == 0)),
+        );
+        t.row(
+            "out of order",
+            format!(
+                "{} {}",
+                self.out_of_order,
+                report::verdict(self.out_of_order == 0)
+            ),
+        );
+        for e in &self.errors {
+            t.row("error", e.clone());
+        }
+        t.row("result", if self.passed { "PASS" } else { "FAIL" });
+        t
+    }
+}
+
+/// CONNECT, then wait for CONNECTED.
+async fn stomp_connect(read: &mut WsRead, write: &mut WsWrite) -> Result<()> {
+    // `host:/`: RabbitMQ reads the host header as its vhost; sensorgate ignores it.
+    let mut connect = b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\0".to_vec();
+    ws::send_now(write, &mut connect).await?;
+    let got = first_message(read).await;
+    if !got.starts_with(b"CONNECTED") {
+        bail!("no CONNECTED: {}", String::from_utf8_lossy(&got));
+    }
+    Ok(())
+}
+
+/// The next WebSocket message (empty if none comes within 15 s).
+async fn first_message(read: &mut WsRead) -> Vec<u8> {
+    let mut got = Vec::new();
+    let _ = timeout(
+        Duration::from_secs(15),
+        ws::read_loop(read, |m| {
+            got = m.to_vec();
+            Flow::Stop
+        }),
+    )
+    .await;
+    got
+}
+
+/// One subscriber: its topic's messages, checked per publisher.
+struct Seen {
+    delivered: u64,
+    out_of_order: u64,
+    last: HashMap<u64, u64>,
+    latency: Histogram<u64>,
+}
+
+pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
+    if a.topics == 0 || a.publishers == 0 {
+        bail!("--topics and --publishers must be at least 1");
+    }
+    let subscribers = a.topics * a.per_topic;
+    let mut errors = Vec::new();
+
+    // Subscribers first, each waiting for its SUBSCRIBE's RECEIPT.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut subs = JoinSet::new();
+    let mut ready = Vec::new();
+    for i in 0..subscribers {
+        let topic = i % a.topics;
+        let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
+        stomp_connect(&mut read, &mut write).await?;
+        let mut sub =
+            format!("SUBSCRIBE\nid:s{i}\ndestination:/topic/load-{topic}\nreceipt:r{i}\n\n\0")
+                .into_bytes();
+        ws::send_now(&mut write, &mut sub).await?;
+        if !first_message(&mut read).await.starts_with(b"RECEIPT") {
+            bail!("subscriber {i}: no RECEIPT for SUBSCRIBE");
+        }
+        ready.push((read, write));
+    }
+    let mut writers = Vec::new();
+    for (mut read, write) in ready {
+        writers.push(write);
+        let delivered = delivered.clone();
+        subs.spawn(async move {
+            let mut seen = Seen {
+                delivered: 0,
+                out_of_order: 0,
+                last: HashMap::new(),
+                latency: latency_histogram(),
+            };
+            ws::read_loop(&mut read, |m| {
+                let now = frames::unix_nanos();
+                // Several MESSAGE frames may share one WebSocket message.
+                for frame in m.split(|b| *b == 0).filter(|f| f.starts_with(b"MESSAGE")) {
+                    let Some((p, n, ts)) = body_fields(frame) else {
+                        continue;
+                    };
+                    record_latency(&mut seen.latency, ts, now);
+                    let last = seen.last.entry(p).or_insert(0);
+                    if n != *last + 1 {
+                        seen.out_of_order += 1;
+                    }
+                    *last = n;
+                    seen.delivered += 1;
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                }
+                Flow::Continue
+            })
+            .await;
+            seen
+        });
+    }
+
+    // Publishers.
+    let rate_each = a.rate.filter(|r| *r > 0.0).map(|r| r / a.publishers as f64);
+    let started = Instant::now();
+    let end_at = ctx.bound(started + Duration::from_secs_f64(a.duration));
+    let mut pubs = JoinSet::new();
+    for p in 0..a.publishers {
+        let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
+        stomp_connect(&mut read, &mut write).await?;
+        let topic = p % a.topics;
+        let size = a.size;
+        let phase = rate_each.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64(p as f64 / (a.publishers as f64 * r))
+        });
+        pubs.spawn(async move {
+            let _keep = read;
+            let mut n = 0u64;
+            let start = started + phase;
+            let mut frame = Vec::with_capacity(size + 96);
+            while Instant::now() < end_at {
+                let mut want = BATCH;
+                if let Some(r) = rate_each {
+                    let due = (Instant::now()
+                        .saturating_duration_since(start)
+                        .as_secs_f64()
+                        * r) as u64;
+                    if due <= n {
+                        let next = start + Duration::from_secs_f64((n + 1) as f64 / r);
+                        sleep_until(next.min(end_at)).await;
+                        continue;
+                    }
+                    want = want.min(due - n);
+                }
+                for _ in 0..want {
+                    n += 1;
+                    send_frame(&mut frame, topic, p as u64, n, size);
+                    if ws::send(&mut write, &mut frame).await.is_err() {
+                        return (n - 1, Some("publisher write failed".to_string()));
+                    }
+                }
+                if write.flush().await.is_err() {
+                    return (n, Some("publisher flush failed".to_string()));
+                }
+            }
+            (n, None)
+        });
+    }
+    let mut sent = 0;
+    while let Some(r) = pubs.join_next().await {
+        let (n, err) = r?;
+        sent += n;
+        if let Some(e) = err {
+            errors.push(e);
+        }
+    }
+    let window = started.elapsed().as_secs_f64();
+    // Every topic has `per_topic` subscribers, so each SEND is owed that many times.
+    let expected = sent * a.per_topic as u64;
+    let drain_until = Instant::now() + Duration::from_secs_f64(a.drain);
+    while delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = delivered.load(Ordering::Relaxed);
+    // Close every subscriber; each reader then ends and hands back what it saw.
+    for mut w in writers {
+        let _ = timeout(Duration::from_secs(2), ws::close(&mut w)).await;
+    }
+    let mut latency = latency_histogram();
+    let mut out_of_order = 0;
+    let collect = async {
+        while let Some(r) = subs.join_next().await {
+            if let Ok(seen) = r {
+                latency.add(&seen.latency).ok();
+                out_of_order += seen.out_of_order;
+            }
+        }
+    };
+    if timeout(Duration::from_secs(10), collect).await.is_err() {
+        errors.push("subscribers did not close in time".into());
+    }
+    let lost = expected.saturating_sub(total);
+    let passed = lost == 0 && out_of_order == 0 && errors.is_empty();
+    Ok(Report {
+        scenario: "stomp",
+        topics: a.topics,
+        publishers: a.publishers,
+        subscribers,
+        rate_target: a.rate.filter(|r| *r > 0.0),
+        body_bytes: a.size,
+        window_secs: window,
+        sent,
+        sent_per_sec: sent as f64 / window,
+        expected,
+        delivered: total,
+        delivered_per_sec: total as f64 / window,
+        lost,
+        out_of_order,
+        latency: Latency::of(&latency),
+        errors,
+        passed,
+    })
+}
+
+/// A SEND frame with a JSON body `{"p":P,"n":N,"ts":T,"x":"…"}` padded to `size` bytes.
+fn send_frame(out: &mut Vec<u8>, topic: usize, p: u64, n: u64, size: usize) {
+    out.clear();
+    out.extend_from_slice(
+        format!("SEND\ndestination:/topic/load-{topic}\ncontent-type:application/json\n\n")
+            .as_bytes(),
+    );
+    let head = format!(
+        "{{\"p\":{p},\"n\":{n},\"ts\":{},\"x\":\"",
+        frames::unix_nanos()
+    );
+    out.extend_from_slice(head.as_bytes());
+    let pad = size.saturating_sub(head.len() + 2);
+    out.resize(out.len() + pad, b'x');
+    out.extend_from_slice(b"\"}\0");
+}
+
+/// `(p, n, ts)` from a MESSAGE frame's body.
+fn body_fields(frame: &[u8]) -> Option<(u64, u64, u64)> {
+    let body_at = memchr::memmem::find(frame, b"\n\n")? + 2;
+    let body = &frame[body_at..];
+    let num = |key: &[u8]| -> Option<u64> {
+        let at = memchr::memmem::find(body, key)? + key.len();
+        let digits = body[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+        std::str::from_utf8(&body[at..at + digits])
+            .ok()?
+            .parse()
+            .ok()
+    };
+    Some((num(b"\"p\":")?, num(b"\"n\":")?, num(b"\"ts\":")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_frames_parse_back() {
+        let mut out = Vec::new();
+        send_frame(&mut out, 3, 7, 42, 120);
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("SEND\ndestination:/topic/load-3\n"));
+        let body = &text[text.find("\n\n").unwrap() + 2..text.len() - 1];
+        assert_eq!(body.len(), 120);
+        let message = format!("MESSAGE\nsubscription:s\n\n{body}");
+        let (p, n, ts) = body_fields(message.as_bytes()).unwrap();
+        assert_eq!((p, n), (7, 42));
+        assert!(ts > 0);
+    }
+}

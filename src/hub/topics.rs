@@ -1,0 +1,216 @@
+//! Named topics (`/topic/workout/record`, `/v1/topic/conversation/42`): live pub/sub for
+//! the STOMP and endpoint front-ends, with no log behind them.
+//!
+//! Owns the topic table and each topic's subscriber list. A publish takes the topic's lock
+//! for the few pushes of one fan-out, so every subscriber sees a topic's messages in one
+//! order; the lock is never held across an await. Each subscription's connection has one
+//! bounded inbox ([`Outbox`], shared by all its subscriptions): a subscriber whose inbox is
+//! full is kicked as too slow, and everyone else carries on. Must not know about frames: a
+//! message is a body and its headers, encoded by the front-end of each subscriber.
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+use super::types::{Kick, Outbox};
+
+/// One published message, shared by every subscriber.
+#[derive(Debug)]
+pub struct TopicMessage {
+    pub destination: Arc<str>,
+    /// Unique for the server's life.
+    pub id: u64,
+    pub content_type: Option<String>,
+    /// Further headers to pass through (a SEND's own headers, say).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// The body is UTF-8, so front-ends may send it in a text frame; worked out once per
+    /// message, not once per subscriber.
+    pub text: bool,
+}
+
+/// What a connection's inbox receives: which of its subscriptions, and the message.
+pub type Delivery = (u64, Arc<TopicMessage>);
+
+/// A connection's side of its topic subscriptions: one inbox for all of them.
+#[derive(Clone)]
+pub struct Inbox {
+    pub conn: u64,
+    pub tx: mpsc::UnboundedSender<Delivery>,
+    pub outbox: Arc<Outbox>,
+    pub kick: Arc<Kick>,
+}
+
+struct Sub {
+    /// The connection's own key for this subscription.
+    key: u64,
+    inbox: Inbox,
+}
+
+#[derive(Default)]
+struct Topic {
+    subs: Mutex<Vec<Sub>>,
+}
+
+#[derive(Default)]
+pub struct Topics {
+    topics: DashMap<Arc<str>, Arc<Topic>>,
+    next_id: AtomicU64,
+}
+
+impl Topics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a subscription; its deliveries arrive on `inbox` tagged with `key`.
+    pub fn subscribe(&self, destination: &str, key: u64, inbox: &Inbox) {
+        let topic = self
+            .topics
+            .entry(Arc::from(destination))
+            .or_default()
+            .clone();
+        topic.subs.lock().push(Sub {
+            key,
+            inbox: inbox.clone(),
+        });
+    }
+
+    /// Removes one subscription of a connection.
+    pub fn unsubscribe(&self, destination: &str, conn: u64, key: u64) {
+        self.remove(destination, |s| s.inbox.conn == conn && s.key == key);
+    }
+
+    /// Removes every subscription a connection holds on `destination`.
+    pub fn leave(&self, destination: &str, conn: u64) {
+        self.remove(destination, |s| s.inbox.conn == conn);
+    }
+
+    fn remove(&self, destination: &str, gone: impl Fn(&Sub) -> bool) {
+        // Under the table's entry lock, so a topic emptied here is not concurrently joined.
+        if let dashmap::Entry::Occupied(entry) = self.topics.entry(Arc::from(destination)) {
+            let mut subs = entry.get().subs.lock();
+            subs.retain(|s| !gone(s));
+            if subs.is_empty() {
+                drop(subs);
+                entry.remove();
+            }
+        }
+    }
+
+    /// A fresh message id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Delivers to every subscriber of the message's destination; returns how many got it.
+    pub fn publish(&self, message: TopicMessage) -> usize {
+        let Some(topic) = self
+            .topics
+            .get(&*message.destination)
+            .map(|t| t.value().clone())
+        else {
+            return 0;
+        };
+        let message = Arc::new(message);
+        let bytes = message.body.len();
+        let mut subs = topic.subs.lock();
+        subs.retain(|s| {
+            let inbox = &s.inbox;
+            let item = (s.key, message.clone());
+            inbox
+                .outbox
+                .offer(&inbox.kick, &inbox.tx, item, 1, bytes, inbox.conn)
+        });
+        subs.len()
+    }
+
+    /// Subscribers of `destination` right now.
+    pub fn subscribers(&self, destination: &str) -> usize {
+        self.topics
+            .get(destination)
+            .map_or(0, |t| t.subs.lock().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::KickReason;
+
+    fn inbox(conn: u64, max: usize) -> (Inbox, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Inbox {
+                conn,
+                tx,
+                outbox: Outbox::new(max, 1 << 20),
+                kick: Kick::new(),
+            },
+            rx,
+        )
+    }
+
+    fn message(topics: &Topics, destination: &str, body: &'static str) -> TopicMessage {
+        TopicMessage {
+            destination: Arc::from(destination),
+            id: topics.next_id(),
+            content_type: None,
+            headers: vec![],
+            body: Bytes::from_static(body.as_bytes()),
+            text: true,
+        }
+    }
+
+    #[test]
+    fn publish_reaches_each_subscription_in_order_and_only_its_topic() {
+        let t = Topics::new();
+        let (a, mut a_rx) = inbox(1, 100);
+        let (b, mut b_rx) = inbox(2, 100);
+        t.subscribe("/topic/x", 7, &a);
+        t.subscribe("/topic/x", 8, &a);
+        t.subscribe("/topic/x", 1, &b);
+        t.subscribe("/topic/y", 2, &b);
+        assert_eq!(t.publish(message(&t, "/topic/x", "1")), 3);
+        assert_eq!(t.publish(message(&t, "/topic/x", "2")), 3);
+        assert_eq!(t.publish(message(&t, "/topic/nobody", "3")), 0);
+        let keys: Vec<_> = std::iter::from_fn(|| a_rx.try_recv().ok())
+            .map(|(k, m)| (k, m.body.clone()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (7, Bytes::from("1")),
+                (8, Bytes::from("1")),
+                (7, Bytes::from("2")),
+                (8, Bytes::from("2"))
+            ]
+        );
+        assert_eq!(b_rx.try_recv().unwrap().1.body, Bytes::from("1"));
+        t.unsubscribe("/topic/x", 1, 7);
+        assert_eq!(t.subscribers("/topic/x"), 2);
+        t.leave("/topic/x", 1);
+        t.leave("/topic/x", 2);
+        // An emptied topic is gone from the table.
+        assert_eq!(t.topics.len(), 1);
+    }
+
+    #[test]
+    fn a_full_inbox_kicks_only_that_subscriber() {
+        let t = Topics::new();
+        let (slow, _slow_rx) = inbox(1, 2);
+        let (fast, mut fast_rx) = inbox(2, 100);
+        t.subscribe("/topic/x", 1, &slow);
+        t.subscribe("/topic/x", 1, &fast);
+        for _ in 0..5 {
+            t.publish(message(&t, "/topic/x", "m"));
+        }
+        assert_eq!(slow.kick.reason(), Some(KickReason::TooSlow));
+        assert!(!fast.kick.is_kicked());
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 5);
+        assert_eq!(t.subscribers("/topic/x"), 1);
+    }
+}

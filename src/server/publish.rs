@@ -1,0 +1,192 @@
+//! `POST /api/publish`: how a backend raises events on STOMP topics (seed 000's workout and
+//! waiting-list messages, seed 002's chat events).
+//!
+//! Body: `{"destination": "...", "data": <json>, "headers": {...}}`, or `{"messages": [...]}`
+//! of those. Authenticated like the token endpoints (developer API key). `data` is relayed
+//! byte for byte as the MESSAGE body with `content-type:application/json;charset=UTF-8`;
+//! `headers` become MESSAGE headers (the frame's own, such as `destination`, are dropped).
+//! Answers 200 `{"message_ids": [...]}` in order. Owns no state: it validates and hands
+//! every message to the hub's topics.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::http::{credentials, error, json, Body};
+use super::App;
+use crate::frontend::stomp::destination;
+use crate::frontend::stomp::frame::pass_through;
+use crate::hub::TopicMessage;
+
+/// Largest request body.
+const MAX_BODY: usize = 1 << 20;
+/// Most messages in one request.
+const MAX_MESSAGES: usize = 1000;
+const JSON_UTF8: &str = "application/json;charset=UTF-8";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<One<'a>>>,
+    #[serde(default)]
+    destination: Option<String>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct One<'a> {
+    destination: String,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
+    let Some((developer, key)) = credentials(&req) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing credentials: send dev-id and x-api-key headers, or HTTP Basic",
+        );
+    };
+    if app.ctx.auth.check_key(&developer, &key).is_err() {
+        return error(StatusCode::FORBIDDEN, "unknown developer or wrong api key");
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body larger than 1 MiB or unreadable",
+            )
+        }
+    };
+    let messages = match parse(&body, app.ctx.limits.max_frame_bytes) {
+        Ok(m) => m,
+        Err(why) => return error(StatusCode::BAD_REQUEST, &why),
+    };
+    let topics = app.ctx.hub.topics();
+    let mut ids = Vec::with_capacity(messages.len());
+    for (destination, data, headers) in messages {
+        let id = topics.next_id();
+        topics.publish(TopicMessage {
+            destination: Arc::from(destination),
+            id,
+            content_type: Some(JSON_UTF8.to_owned()),
+            headers,
+            body: data,
+            // `data` is JSON text.
+            text: true,
+        });
+        ids.push(id.to_string());
+    }
+    crate::metrics::handles().topic_messages[1].increment(ids.len() as u64);
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "message_ids": ids }).to_string(),
+    )
+}
+
+type Parsed = Vec<(String, Bytes, Vec<(String, String)>)>;
+
+/// The messages of a request, each checked; the error names what is wrong.
+fn parse(body: &Bytes, max_data: usize) -> Result<Parsed, String> {
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
+    let list = match (envelope.messages, envelope.destination, envelope.data) {
+        (Some(list), None, None) => list,
+        (None, Some(destination), Some(data)) => vec![One {
+            destination,
+            data,
+            headers: envelope.headers,
+        }],
+        _ => {
+            return Err(
+                "send either {\"destination\", \"data\", \"headers\"} or {\"messages\": [...]}"
+                    .into(),
+            )
+        }
+    };
+    if list.is_empty() || list.len() > MAX_MESSAGES {
+        return Err(format!("between 1 and {MAX_MESSAGES} messages per request"));
+    }
+    list.into_iter()
+        .map(|one| {
+            destination::check(&one.destination)
+                .map_err(|e| format!("{e}: {}", one.destination))?;
+            let data = one.data.get();
+            if data.len() > max_data {
+                return Err(format!("data larger than {max_data} bytes"));
+            }
+            let headers = pass_through(one.headers.into_iter().collect());
+            if headers
+                .iter()
+                .any(|(n, v)| n.is_empty() || n.contains([':', '\n']) || v.contains('\n'))
+            {
+                return Err("header names must be non-empty, without ':' or newlines".into());
+            }
+            // `data` borrows from the request body: the message shares it, uncopied.
+            Ok((one.destination, body.slice_ref(data.as_bytes()), headers))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_or_many_messages_and_what_is_refused() {
+        let one = parse(
+            &Bytes::from_static(br#"{"destination":"/topic/workout/record","data":{ "workout": {"id":4711} },"headers":{"x":"1","destination":"/evil"}}"#),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0, "/topic/workout/record");
+        // `data` is kept byte for byte; the frame's own headers are dropped.
+        assert_eq!(&one[0].1[..], br#"{ "workout": {"id":4711} }"#);
+        assert_eq!(one[0].2, vec![("x".to_string(), "1".to_string())]);
+        let many = parse(
+            &Bytes::from_static(br#"{"messages":[{"destination":"/topic/a","data":1},{"destination":"/v1/topic/b","data":"x"}]}"#),
+            1000,
+        )
+        .unwrap();
+        assert_eq!(many.len(), 2);
+        for (body, want) in [
+            (
+                &br#"{"destination":"/queue/a","data":1}"#[..],
+                "unknown destination: /queue/a",
+            ),
+            (
+                br#"{"destination":"/topic/../x","data":1}"#,
+                "invalid destination",
+            ),
+            (br#"{"destination":"/topic/a"}"#, "either"),
+            (br#"{"messages":[]}"#, "between 1 and"),
+            (
+                br#"{"destination":"/topic/a","data":"long"}"#,
+                "data larger than",
+            ),
+            (
+                br#"{"destination":"/topic/a","data":1,"extra":2}"#,
+                "invalid JSON",
+            ),
+            (br#"not json"#, "invalid JSON"),
+        ] {
+            let max = if want == "data larger than" { 3 } else { 1000 };
+            let err = parse(&Bytes::from_static(body), max).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+}

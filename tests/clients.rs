@@ -1,0 +1,91 @@
+//! STOMP clients nobody here wrote, run unchanged against the real server: @stomp/stompjs
+//! (Node, what most of seed 000's and 002's users run) and stomp.py's WSStompConnection
+//! (which offers no subprotocol). Their scripts live in `clients/`; the first run installs
+//! them from the npm registry and PyPI at the versions pinned there (`.ci/run` does so too).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn clients_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(name)
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("the command starts");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Installs @stomp/stompjs and ws from `package-lock.json` unless already there.
+fn stompjs() -> PathBuf {
+    let dir = clients_dir("stompjs");
+    if !dir.join("node_modules/@stomp/stompjs").exists() {
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir));
+    }
+    dir.join("check.mjs")
+}
+
+/// A virtualenv with stomp.py from `requirements.txt`, unless already there.
+fn stomppy() -> (PathBuf, PathBuf) {
+    let dir = clients_dir("stomppy");
+    let python = dir.join(".venv/bin/python");
+    if !python.exists() {
+        run(Command::new("python3")
+            .args(["-m", "venv", ".venv"])
+            .current_dir(&dir));
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "-q", "-r", "requirements.txt"])
+            .current_dir(&dir));
+    }
+    (python, dir.join("check.py"))
+}
+
+async fn output(cmd: &mut tokio::process::Command) -> (bool, String) {
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("the client finishes in time")
+        .expect("the client starts");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stompjs_runs_seed_000_and_002_flows_unchanged() {
+    let script = tokio::task::spawn_blocking(stompjs).await.unwrap();
+    let srv = TestServer::start().await;
+    let url = format!("ws://{}/stomp/websocket", srv.addr);
+    let (ok, text) = output(tokio::process::Command::new("node").arg(&script).arg(&url)).await;
+    assert!(ok, "{text}");
+    assert!(text.contains("OK stompjs"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp_py_runs_seed_000_flow_unchanged() {
+    let (python, script) = tokio::task::spawn_blocking(stomppy).await.unwrap();
+    let srv = TestServer::start().await;
+    let (ok, text) = output(
+        tokio::process::Command::new(python)
+            .arg(&script)
+            .arg("127.0.0.1")
+            .arg(srv.addr.port().to_string())
+            .arg("/stomp/websocket"),
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("OK stomp.py"), "{text}");
+}
