@@ -63,6 +63,8 @@ fn hub_config() -> HubConfig {
         max_consumers_per_developer: 1000,
         retention_max_age_s: 0,
         retention_max_per_stream: 0,
+        chat: false,
+        chat_heartbeat: std::time::Duration::ZERO,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Developers, API keys and tokens: who may connect, and as what.
 //!
-//! Owns the developer table (keys kept only as SHA-256 digests), the token signing secret,
+//! Owns the developer and publisher tables (keys kept only as SHA-256 digests), the token signing secret,
 //! token minting (JWT, HS256) and single-use redemption. Produces a [`Principal`] for the
 //! connection layer. Imports nothing above it: no sockets, no hub, no store. The only files it
 //! touches are its own in the data directory: the secret, the demo developer, and the journal
@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::DeveloperConfig;
+use crate::config::{DeveloperConfig, PublisherConfig};
 
 /// File in the data directory holding the generated token secret.
 pub const SECRET_FILE: &str = "token_secret";
@@ -53,6 +53,9 @@ pub struct Principal {
     pub developer: Arc<str>,
     /// The user id for [`Role::User`]; empty for developers.
     pub user: Arc<str>,
+    /// A user minted as an employee (seed 002's staff): counted on
+    /// `/v1/topic/online-employees`.
+    pub employee: bool,
 }
 
 /// Why a credential or token was refused. HTTP maps these to 400/403, IDENTIFY to close 4001.
@@ -85,11 +88,15 @@ struct Claims {
     iat: u64,
     exp: u64,
     jti: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    emp: bool,
 }
 
 /// The developer table and the token machinery. Cheap to share behind an `Arc`.
 pub struct Auth {
     developers: HashMap<String, [u8; 32]>,
+    /// Publisher ids with their key digests.
+    publishers: Vec<(String, [u8; 32])>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -105,14 +112,7 @@ impl Auth {
     pub fn new(developers: &[DeveloperConfig], secret: &[u8], ttl_s: u64) -> Self {
         let developers = developers
             .iter()
-            .map(|d| {
-                let digest = match (&d.api_key, &d.api_key_sha256) {
-                    (Some(key), _) => sha256(key.as_bytes()),
-                    (None, Some(hex)) => decode_hex32(hex).unwrap_or([0; 32]),
-                    (None, None) => [0; 32],
-                };
-                (d.id.clone(), digest)
-            })
+            .map(|d| (d.id.clone(), digest_of(d)))
             .collect();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 0;
@@ -120,6 +120,7 @@ impl Auth {
         validation.set_required_spec_claims(&["exp", "sub"]);
         Self {
             developers,
+            publishers: Vec::new(),
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
@@ -141,22 +142,39 @@ impl Auth {
         Ok(self)
     }
 
+    /// Adds the backends that may publish to topics with a key of their own.
+    pub fn with_publishers(mut self, publishers: &[PublisherConfig]) -> Self {
+        self.publishers = publishers
+            .iter()
+            .map(|p| (p.id.clone(), digest_of(p)))
+            .collect();
+        self
+    }
+
     /// Checks a developer's API key in constant time (with respect to the key's content).
     pub fn check_key(&self, developer: &str, api_key: &str) -> Result<(), AuthError> {
         let expected = self
             .developers
             .get(developer)
             .ok_or(AuthError::BadCredentials)?;
-        let given = sha256(api_key.as_bytes());
-        let diff = expected
-            .iter()
-            .zip(given.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 {
+        if same_digest(expected, &sha256(api_key.as_bytes())) {
             Ok(())
         } else {
             Err(AuthError::BadCredentials)
         }
+    }
+
+    /// The publisher whose key this is. Every configured key is compared, so the time taken
+    /// does not say which one came close.
+    pub fn check_publisher(&self, api_key: &str) -> Result<&str, AuthError> {
+        let given = sha256(api_key.as_bytes());
+        let mut found = None;
+        for (id, digest) in &self.publishers {
+            if same_digest(digest, &given) {
+                found = Some(id.as_str());
+            }
+        }
+        found.ok_or(AuthError::BadCredentials)
     }
 
     /// Mints a single-use token. `user` is required for [`Role::User`].
@@ -165,6 +183,21 @@ impl Auth {
         developer: &str,
         role: Role,
         user: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.mint_as(developer, role, user, false)
+    }
+
+    /// [`Auth::mint`] for a user who is an employee (seed 002's staff side).
+    pub fn mint_employee(&self, developer: &str, user: &str) -> Result<String, AuthError> {
+        self.mint_as(developer, Role::User, Some(user), true)
+    }
+
+    fn mint_as(
+        &self,
+        developer: &str,
+        role: Role,
+        user: Option<&str>,
+        employee: bool,
     ) -> Result<String, AuthError> {
         if !self.developers.contains_key(developer) {
             return Err(AuthError::UnknownDeveloper);
@@ -187,6 +220,7 @@ impl Auth {
             iat: now,
             exp: now + self.ttl_s,
             jti: random_hex(16),
+            emp: employee && role == Role::User,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .map_err(|e| AuthError::InvalidToken(e.into_kind()))
@@ -233,6 +267,7 @@ impl Auth {
             role,
             developer: claims.dev.into(),
             user,
+            employee: claims.emp,
         })
     }
 
@@ -417,6 +452,21 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// The SHA-256 of a configured key, given in clear or as hex. A key with neither (refused
+/// by config validation) gets a digest no input hashes to in practice.
+fn digest_of(k: &DeveloperConfig) -> [u8; 32] {
+    match (&k.api_key, &k.api_key_sha256) {
+        (Some(key), _) => sha256(key.as_bytes()),
+        (None, Some(hex)) => decode_hex32(hex).unwrap_or([0; 32]),
+        (None, None) => [0; 32],
+    }
+}
+
+/// Compares in time independent of where the digests differ.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -481,6 +531,40 @@ mod tests {
         assert_eq!(a.check_key("hashed", "k2"), Ok(()));
         assert_eq!(a.check_key("acme", "k2"), Err(AuthError::BadCredentials));
         assert_eq!(a.check_key("nobody", "k1"), Err(AuthError::BadCredentials));
+    }
+
+    #[test]
+    fn publisher_keys_name_their_publisher() {
+        let a = auth(60).with_publishers(&[
+            PublisherConfig {
+                id: "chat".into(),
+                api_key: Some("pk".into()),
+                api_key_sha256: None,
+            },
+            PublisherConfig {
+                id: "gym".into(),
+                api_key: None,
+                api_key_sha256: Some(api_key_digest("gk")),
+            },
+        ]);
+        assert_eq!(a.check_publisher("pk"), Ok("chat"));
+        assert_eq!(a.check_publisher("gk"), Ok("gym"));
+        // A developer's key is not a publisher key.
+        assert_eq!(a.check_publisher("k1"), Err(AuthError::BadCredentials));
+    }
+
+    #[test]
+    fn only_employee_tokens_carry_the_employee_flag() {
+        let a = auth(60);
+        let e = a.mint_employee("acme", "e-1").unwrap();
+        let p = a.redeem_any(&e).unwrap();
+        assert_eq!((&*p.user, p.role, p.employee), ("e-1", Role::User, true));
+        let u = a.mint("acme", Role::User, Some("u-1")).unwrap();
+        assert!(!a.redeem_any(&u).unwrap().employee);
+        assert_eq!(
+            a.mint_employee("acme", "bad\"id"),
+            Err(AuthError::InvalidUser)
+        );
     }
 
     #[test]

@@ -58,15 +58,21 @@ pub struct DeveloperConfig {
     pub api_key_sha256: Option<String>,
 }
 
-/// Who a STOMP rule admits: connections without a token, with a user (producer) token, or
-/// with a developer token.
+/// Who a STOMP rule admits: connections without a token, with a user (producer) token,
+/// with a user token minted for an employee (seed 002's staff side), or with a developer
+/// token.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum StompPrincipal {
     Anonymous,
     User,
+    Employee,
     Developer,
 }
+
+/// A backend allowed to use `POST /api/publish` without being a developer: it sends
+/// `Authorization: Bearer <key>`.
+pub type PublisherConfig = DeveloperConfig;
 
 /// Which principals may SUBSCRIBE to and SEND to destinations under `prefix`; the longest
 /// matching prefix decides, and a destination no rule covers is refused.
@@ -85,8 +91,19 @@ impl StompRule {
         use StompPrincipal::*;
         Self {
             prefix: prefix.into(),
-            subscribe: vec![Anonymous, User, Developer],
-            send: vec![Anonymous, User, Developer],
+            subscribe: vec![Anonymous, User, Employee, Developer],
+            send: vec![Anonymous, User, Employee, Developer],
+        }
+    }
+
+    /// Seed 002's application destinations: typing events name their sender, so only
+    /// principals with a user id may send there.
+    fn app(prefix: &str) -> Self {
+        use StompPrincipal::*;
+        Self {
+            prefix: prefix.into(),
+            subscribe: Vec::new(),
+            send: vec![User, Employee],
         }
     }
 }
@@ -151,8 +168,26 @@ pub struct Config {
     /// STOMP: CONNECT without a token is allowed (seed 000: "no authentication is
     /// required"); what an anonymous client may do is up to `stomp_rules`.
     pub stomp_anonymous: bool,
-    /// STOMP: who may SUBSCRIBE and SEND where. Default: both topic prefixes open to all.
+    /// STOMP: who may SUBSCRIBE and SEND where. Default: both topic prefixes open to all,
+    /// `/v1/app/` open to SENDs from users and employees.
     pub stomp_rules: Vec<StompRule>,
+    /// STOMP: destinations that are topics (SUBSCRIBE and SEND).
+    pub stomp_broker_prefixes: Vec<String>,
+    /// STOMP: destinations handled by the server's own services (SEND only).
+    pub stomp_app_prefixes: Vec<String>,
+    /// STOMP: bytes of MESSAGE bodies one connection may have queued (all its
+    /// subscriptions together) before it is a slow subscriber: ERROR, then close 4009.
+    pub stomp_max_pending_bytes: usize,
+    /// STOMP: MESSAGEs one `client` or `client-individual` subscription may have
+    /// unacknowledged; one more is a slow subscriber (ERROR, then close 4009).
+    pub stomp_max_unacked: usize,
+    /// STOMP: seed 002's built-in services on `/v1` (heart-beat ticks, online employees,
+    /// conversation presence, typing).
+    pub stomp_services: bool,
+    /// STOMP: seconds between ticks on `/v1/topic/heartbeat` (0: none).
+    pub stomp_heartbeat_topic_s: u64,
+    /// Backends that may `POST /api/publish` with a key of their own.
+    pub publishers: Vec<PublisherConfig>,
     pub developers: Vec<DeveloperConfig>,
 }
 
@@ -186,9 +221,20 @@ impl Default for Config {
             stomp_max_headers: 64,
             stomp_max_header_line: 8192,
             stomp_max_subscriptions: 64,
-            stomp_paths: Vec::new(),
+            stomp_paths: vec!["/api/v1/chat".into()],
             stomp_anonymous: true,
-            stomp_rules: vec![StompRule::open("/topic/"), StompRule::open("/v1/topic/")],
+            stomp_rules: vec![
+                StompRule::open("/topic/"),
+                StompRule::open("/v1/topic/"),
+                StompRule::app("/v1/app/"),
+            ],
+            stomp_broker_prefixes: vec!["/topic/".into(), "/v1/topic/".into()],
+            stomp_app_prefixes: vec!["/v1/app/".into()],
+            stomp_max_pending_bytes: 8 << 20,
+            stomp_max_unacked: 1024,
+            stomp_services: true,
+            stomp_heartbeat_topic_s: 10,
+            publishers: Vec::new(),
             developers: Vec::new(),
         }
     }
@@ -233,6 +279,10 @@ const ENV_KEYS: &[&str] = &[
     "stomp_max_header_line",
     "stomp_max_subscriptions",
     "stomp_anonymous",
+    "stomp_max_pending_bytes",
+    "stomp_max_unacked",
+    "stomp_services",
+    "stomp_heartbeat_topic_s",
 ];
 
 impl Config {
@@ -306,7 +356,12 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 15] = [
+        let positive: [(&'static str, u64); 17] = [
+            (
+                "stomp_max_pending_bytes",
+                self.stomp_max_pending_bytes as u64,
+            ),
+            ("stomp_max_unacked", self.stomp_max_unacked as u64),
             ("stomp_max_headers", self.stomp_max_headers as u64),
             ("stomp_max_header_line", self.stomp_max_header_line as u64),
             (
@@ -334,13 +389,40 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
-        for rule in &self.stomp_rules {
-            if !rule.prefix.starts_with('/') || !rule.prefix.ends_with('/') {
+        let prefixes = [
+            (
+                "stomp_rules.prefix",
+                self.stomp_rules.iter().map(|r| &r.prefix).collect(),
+            ),
+            (
+                "stomp_broker_prefixes",
+                self.stomp_broker_prefixes.iter().collect(),
+            ),
+            (
+                "stomp_app_prefixes",
+                self.stomp_app_prefixes.iter().collect::<Vec<_>>(),
+            ),
+        ];
+        for (key, list) in prefixes {
+            if let Some(bad) = list
+                .iter()
+                .find(|p| p.len() < 2 || !p.starts_with('/') || !p.ends_with('/'))
+            {
                 return Err(invalid(
-                    "stomp_rules.prefix",
-                    format!("{:?}: must start and end with '/'", rule.prefix),
+                    key,
+                    format!("{bad:?}: must start and end with '/' and name something"),
                 ));
             }
+        }
+        if let Some(both) = self.stomp_app_prefixes.iter().find(|a| {
+            self.stomp_broker_prefixes
+                .iter()
+                .any(|b| a.starts_with(b.as_str()) || b.starts_with(a.as_str()))
+        }) {
+            return Err(invalid(
+                "stomp_app_prefixes",
+                format!("{both:?} overlaps a broker prefix"),
+            ));
         }
         for path in &self.stomp_paths {
             let builtin = [
@@ -373,41 +455,41 @@ impl Config {
                 return Err(invalid("token_secret", "must be at least 32 characters"));
             }
         }
-        let mut seen = std::collections::HashSet::new();
-        for dev in &self.developers {
-            if dev.id.is_empty() || dev.id.len() > 128 || dev.id.contains(['/', ':', '\0']) {
-                return Err(invalid(
-                    "developers.id",
-                    format!(
-                        "{:?}: must be 1-128 characters without '/', ':' or NUL",
-                        dev.id
-                    ),
-                ));
-            }
-            if !seen.insert(dev.id.as_str()) {
-                return Err(invalid(
-                    "developers.id",
-                    format!("{:?} appears twice", dev.id),
-                ));
-            }
-            match (&dev.api_key, &dev.api_key_sha256) {
-                (Some(_), None) => {}
-                (None, Some(hex))
-                    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {}
-                (None, Some(_)) => {
+        let keyed = [
+            ("developers", &self.developers),
+            ("publishers", &self.publishers),
+        ];
+        for (key, list) in keyed {
+            let mut seen = std::collections::HashSet::new();
+            for k in list {
+                if k.id.is_empty() || k.id.len() > 128 || k.id.contains(['/', ':', '\0']) {
                     return Err(invalid(
-                        "developers.api_key_sha256",
-                        format!("developer {:?}: must be 64 hex digits", dev.id),
-                    ))
-                }
-                _ => {
-                    return Err(invalid(
-                        "developers",
+                        key,
                         format!(
-                            "developer {:?}: give exactly one of api_key or api_key_sha256",
-                            dev.id
+                            "id {:?}: must be 1-128 characters without '/', ':' or NUL",
+                            k.id
                         ),
-                    ))
+                    ));
+                }
+                if !seen.insert(k.id.as_str()) {
+                    return Err(invalid(key, format!("id {:?} appears twice", k.id)));
+                }
+                match (&k.api_key, &k.api_key_sha256) {
+                    (Some(_), None) => {}
+                    (None, Some(hex))
+                        if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {}
+                    (None, Some(_)) => {
+                        return Err(invalid(
+                            key,
+                            format!("{:?}: api_key_sha256 must be 64 hex digits", k.id),
+                        ))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            key,
+                            format!("{:?}: give exactly one of api_key or api_key_sha256", k.id),
+                        ))
+                    }
                 }
             }
         }
@@ -420,9 +502,9 @@ impl Config {
         if shown.token_secret.is_some() {
             shown.token_secret = Some("<set>".into());
         }
-        for dev in &mut shown.developers {
-            if dev.api_key.is_some() {
-                dev.api_key = Some("<set>".into());
+        for key in shown.developers.iter_mut().chain(&mut shown.publishers) {
+            if key.api_key.is_some() {
+                key.api_key = Some("<set>".into());
             }
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
@@ -553,6 +635,18 @@ mod tests {
         );
         let err = load("[[developers]]\nid = \"a\"\n", &[], Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("developers"), "{err}");
+        for (text, key) in [
+            ("stomp_app_prefixes = [\"/topic/app/\"]", "stomp_app_prefixes"),
+            ("stomp_broker_prefixes = [\"topic\"]", "stomp_broker_prefixes"),
+            ("stomp_max_unacked = 0", "stomp_max_unacked"),
+            (
+                "[[publishers]]\nid = \"p\"\napi_key = \"k\"\n[[publishers]]\nid = \"p\"\napi_key = \"j\"",
+                "publishers",
+            ),
+        ] {
+            let err = load(text, &[], Overrides::default()).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

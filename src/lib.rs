@@ -97,6 +97,7 @@ impl Server {
         };
         let auth = Arc::new(
             auth::Auth::new(&developers, &secret, config.token_ttl_s)
+                .with_publishers(&config.publishers)
                 .with_journal(&config.data_dir.join(auth::REDEEMED_DIR))
                 .map_err(dir_err)?,
         );
@@ -199,13 +200,27 @@ async fn run(
     }
 }
 
-/// Histogram upkeep and retention, until shutdown.
+/// Histogram upkeep, retention and the `/v1/topic/heartbeat` ticks, until shutdown.
 async fn background(hub: hub::Hub, shutdown: Shutdown) {
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
     let mut retention = tokio::time::interval(Duration::from_secs(10));
+    let beat_every = hub.chat().map_or(Duration::ZERO, |c| c.heartbeat_every());
+    // A period of zero turns the ticks off; the interval then never fires.
+    let mut beat = tokio::time::interval(if beat_every.is_zero() {
+        Duration::from_secs(86_400 * 365)
+    } else {
+        beat_every
+    });
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
     loop {
         tokio::select! {
             _ = upkeep.tick() => metrics::upkeep(),
+            _ = beat.tick(), if !beat_every.is_zero() => {
+                if let Some(chat) = hub.chat() {
+                    chat.heartbeat(hub::now_ms());
+                }
+            }
             _ = retention.tick() => {
                 let hub = hub.clone();
                 match tokio::task::spawn_blocking(move || hub.retain(hub::now_ms())).await {

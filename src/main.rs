@@ -47,10 +47,11 @@ enum Command {
         /// Developer id [default: the only configured developer, or the demo developer].
         #[arg(long)]
         developer: Option<String>,
-        /// "user" (producer, needs --user) or "developer" (consumer).
+        /// "user" (producer, needs --user), "employee" (a user counted as seed 002's staff,
+        /// needs --user) or "developer" (consumer).
         #[arg(long, default_value = "developer")]
         role: String,
-        /// The user id, for --role user.
+        /// The user id, for --role user or employee.
         #[arg(long)]
         user: Option<String>,
     },
@@ -155,10 +156,13 @@ fn token(
     role: &str,
     user: Option<String>,
 ) -> anyhow::Result<()> {
-    let role = match role {
-        "user" => Role::User,
-        "developer" => Role::Developer,
-        other => anyhow::bail!("--role must be \"user\" or \"developer\", not {other:?}"),
+    let (role, employee) = match role {
+        "user" => (Role::User, false),
+        "employee" => (Role::User, true),
+        "developer" => (Role::Developer, false),
+        other => {
+            anyhow::bail!("--role must be \"user\", \"employee\" or \"developer\", not {other:?}")
+        }
     };
     let secret = match &config.token_secret {
         Some(s) => s.as_bytes().to_vec(),
@@ -184,9 +188,12 @@ fn token(
         None => anyhow::bail!("several developers are configured: pass --developer"),
     };
     let auth = auth::Auth::new(&developers, &secret, config.token_ttl_s);
-    let token = auth
-        .mint(&developer, role, user.as_deref())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let token = match (employee, user.as_deref()) {
+        (true, Some(user)) => auth.mint_employee(&developer, user),
+        (true, None) => anyhow::bail!("--role employee needs --user"),
+        (false, user) => auth.mint(&developer, role, user),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{token}");
     Ok(())
 }

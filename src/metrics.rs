@@ -82,9 +82,13 @@ pub enum StompError {
     Auth = 7,
     /// A destination the rules do not open to this principal.
     Forbidden = 8,
+    /// A `client` or `client-individual` subscription past `stomp_max_unacked`.
+    Unacked = 9,
+    /// The server failed (a stream's store).
+    Internal = 10,
 }
 
-pub const STOMP_ERROR_REASONS: [&str; 9] = [
+pub const STOMP_ERROR_REASONS: [&str; 11] = [
     "frame",
     "destination",
     "state",
@@ -94,6 +98,8 @@ pub const STOMP_ERROR_REASONS: [&str; 9] = [
     "slow",
     "auth",
     "forbidden",
+    "unacked",
+    "internal",
 ];
 
 /// Opcode-protocol frame names, the `op` label of the frame counters; index with [`op_in`]
@@ -155,8 +161,9 @@ pub struct Handles {
     pub stomp_in: [Counter; STOMP_IN.len()],
     pub stomp_out: [Counter; STOMP_OUT.len()],
     pub stomp_errors: [Counter; STOMP_ERROR_REASONS.len()],
-    /// Messages published to topics, by where they came from: STOMP SEND or the HTTP API.
-    pub topic_messages: [Counter; 2],
+    /// Messages published to topics, by where they came from: STOMP SEND, the HTTP
+    /// publish API, the built-in chat services.
+    pub topic_messages: [Counter; 3],
 }
 
 /// Which connection gauge: not yet identified, user (producer), developer (consumer).
@@ -219,7 +226,7 @@ pub fn handles() -> &'static Handles {
             stomp_out: STOMP_OUT.map(|c| metrics::counter!(STOMP_FRAMES_OUT, "command" => c)),
             stomp_errors: STOMP_ERROR_REASONS
                 .map(|r| metrics::counter!(STOMP_ERRORS, "reason" => r)),
-            topic_messages: ["stomp", "http"]
+            topic_messages: ["stomp", "http", "service"]
                 .map(|s| metrics::counter!(TOPIC_MESSAGES, "source" => s)),
         }
     })

@@ -4,128 +4,12 @@
 
 mod common;
 
+use common::stomp::{header, Stomp};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A STOMP client speaking raw frames; `protocols` is the `Sec-WebSocket-Protocol` offer.
-struct Stomp {
-    ws: Ws,
-    /// The subprotocol the server chose.
-    chosen: Option<String>,
-    /// Bytes of frames not yet returned.
-    pending: Vec<u8>,
-}
-
-impl Stomp {
-    async fn open(srv: &TestServer, protocols: Option<&str>) -> Self {
-        let mut req = format!("ws://{}/stomp/websocket", srv.addr)
-            .into_client_request()
-            .unwrap();
-        if let Some(p) = protocols {
-            req.headers_mut()
-                .insert("Sec-WebSocket-Protocol", HeaderValue::from_str(p).unwrap());
-        }
-        let (ws, response) = tokio_tungstenite::connect_async(req)
-            .await
-            .expect("upgrade");
-        let chosen = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .map(|v| v.to_str().unwrap().to_owned());
-        Self {
-            ws,
-            chosen,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Opens and connects with `CONNECT` headers; returns the CONNECTED frame.
-    async fn connected(srv: &TestServer, headers: &str) -> (Self, String) {
-        let mut c = Self::open(srv, None).await;
-        c.send(&format!("CONNECT\n{headers}\n\0")).await;
-        let f = c.frame().await;
-        assert!(f.starts_with("CONNECTED\n"), "{f:?}");
-        (c, f)
-    }
-
-    async fn send(&mut self, raw: &str) {
-        self.ws.send(Message::text(raw)).await.expect("send");
-    }
-
-    /// The next STOMP frame (without its NUL), skipping heart-beat EOLs.
-    async fn frame(&mut self) -> String {
-        loop {
-            while self
-                .pending
-                .first()
-                .is_some_and(|b| *b == b'\n' || *b == b'\r')
-            {
-                self.pending.remove(0);
-            }
-            if let Some(nul) = self.pending.iter().position(|b| *b == 0) {
-                let frame: Vec<u8> = self.pending.drain(..=nul).collect();
-                return String::from_utf8(frame[..frame.len() - 1].to_vec()).unwrap();
-            }
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a frame in time");
-            match msg {
-                Some(Ok(Message::Text(t))) => self.pending.extend_from_slice(t.as_bytes()),
-                Some(Ok(Message::Binary(b))) => self.pending.extend_from_slice(&b),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                other => panic!("expected a frame, got {other:?}"),
-            }
-        }
-    }
-
-    /// Reads until the server closes; returns the close code.
-    async fn close_code(&mut self) -> u16 {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("close in time");
-            match msg {
-                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
-                Some(Ok(Message::Close(None))) => return 1005,
-                Some(Ok(_)) => continue,
-                _ => panic!("connection dropped without a close frame"),
-            }
-        }
-    }
-
-    /// SUBSCRIBE and wait for its RECEIPT, so a publish after it is seen.
-    async fn subscribe(&mut self, id: &str, destination: &str) {
-        self.send(&format!(
-            "SUBSCRIBE\nid:{id}\ndestination:{destination}\nreceipt:sub-{id}\n\n\0"
-        ))
-        .await;
-        assert_eq!(
-            self.frame().await,
-            format!("RECEIPT\nreceipt-id:sub-{id}\n\n")
-        );
-    }
-}
-
-/// A header's value as a client reads it (1.1/1.2 escapes undone).
-fn header(frame: &str, name: &str) -> Option<String> {
-    let raw = frame
-        .split("\n\n")
-        .next()?
-        .lines()
-        .skip(1)
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))?;
-    Some(
-        raw.replace("\\c", ":")
-            .replace("\\n", "\n")
-            .replace("\\\\", "\\"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_000_flow_bare_connect_subscribe_and_message() {

@@ -1,5 +1,6 @@
 //! What a consumer connection owes its client: live batches from the hub and REPLAY ranges
-//! from the log, merged into one ordered run of DISPATCH frames.
+//! from the log, merged into one ordered run of frames: DISPATCH on `/connect`, MESSAGE on
+//! a STOMP stream topic (each front-end frames a reading through [`Encode`]).
 //!
 //! Owns the live/replay bookkeeping that makes "replay, then live, no gap, no duplicate"
 //! hold: it knows the next live seq it owes (`next`), holds live batches back while a replay
@@ -16,9 +17,30 @@ use tokio::sync::mpsc;
 
 use super::wire::push_frame;
 use crate::frontend::CloseCode;
-use crate::hub::{Batch, Outbox, StreamHandle};
+use crate::hub::{Batch, HubError, Kick, Outbox, StreamHandle, Subscriber};
 use crate::log::Entry;
 use crate::metrics::op_out;
+
+/// How a front-end frames one reading for its client.
+pub trait Encode {
+    /// Appends the frame of reading `seq` to `out`; `dispatch` is its DISPATCH JSON.
+    fn frame(&mut self, out: &mut Vec<u8>, seq: u64, dispatch: &[u8]);
+    /// Counts `n` frames sent, in the front-end's own metric.
+    fn count(&self, n: u64);
+}
+
+/// The opcode protocol's framing: the DISPATCH itself, in a text frame.
+pub struct Dispatch;
+
+impl Encode for Dispatch {
+    fn frame(&mut self, out: &mut Vec<u8>, _seq: u64, dispatch: &[u8]) {
+        push_frame(out, OpCode::Text, dispatch);
+    }
+
+    fn count(&self, n: u64) {
+        crate::metrics::handles().frames_out[op_out::DISPATCH].increment(n);
+    }
+}
 
 /// REPLAY requests a consumer may have waiting before it is closed with 4008.
 pub const MAX_QUEUED_REPLAYS: usize = 16;
@@ -53,8 +75,29 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Joins `stream` as consumer `conn`: its live batches are bounded by `outbox`, and
+    /// `kick` ends the connection if they overflow it.
+    pub async fn join(
+        stream: &StreamHandle,
+        conn: u64,
+        outbox: Arc<Outbox>,
+        kick: Arc<Kick>,
+    ) -> Result<Self, HubError> {
+        let (tx, live) = mpsc::unbounded_channel();
+        let sub = Subscriber {
+            id: conn,
+            tx,
+            outbox: outbox.clone(),
+            kick,
+        };
+        let head = stream.subscribe(sub).await?;
+        let mut delivery = Self::default();
+        delivery.attach(live, outbox, stream.clone(), head);
+        Ok(delivery)
+    }
+
     /// Starts live delivery: frames with seq > `head` arrive on `rx`.
-    pub fn attach(
+    fn attach(
         &mut self,
         rx: mpsc::UnboundedReceiver<Arc<Batch>>,
         outbox: Arc<Outbox>,
@@ -103,6 +146,7 @@ impl Delivery {
         cx: &mut Context<'_>,
         out: &mut Vec<u8>,
         high: usize,
+        enc: &mut impl Encode,
     ) -> Poll<Result<(), Gone>> {
         let Some(live) = &mut self.live else {
             return Poll::Pending;
@@ -110,7 +154,7 @@ impl Delivery {
         let mut sent = 0u64;
         while out.len() < high {
             match live.rx.poll_recv(cx) {
-                Poll::Ready(Some(batch)) => sent += write_batch(live, &batch, out),
+                Poll::Ready(Some(batch)) => sent += write_batch(live, &batch, out, enc),
                 Poll::Ready(None) if sent == 0 => return Poll::Ready(Err(Gone)),
                 Poll::Ready(None) | Poll::Pending => break,
             }
@@ -118,13 +162,18 @@ impl Delivery {
         if sent == 0 {
             return Poll::Pending;
         }
-        crate::metrics::handles().frames_out[op_out::DISPATCH].increment(sent);
+        enc.count(sent);
         Poll::Ready(Ok(()))
     }
 
     /// One step of a replay: set arriving live batches aside, then write one chunk of up to
     /// `chunk` readings from the log into `out` (or finish the range).
-    pub fn replay_step(&mut self, out: &mut Vec<u8>, chunk: usize) -> Result<(), CloseCode> {
+    pub fn replay_step(
+        &mut self,
+        out: &mut Vec<u8>,
+        chunk: usize,
+        enc: &mut impl Encode,
+    ) -> Result<(), CloseCode> {
         let Some(live) = &mut self.live else {
             self.replays.clear();
             return Ok(());
@@ -145,19 +194,18 @@ impl Delivery {
             let range = self.replays.pop_front().expect("a range is in progress");
             finish_range(live, &range, &mut self.replays);
             if self.replays.is_empty() {
-                release_held(live, out);
+                release_held(live, out, enc);
             }
             return Ok(());
         }
         for entry in &self.entries {
-            push_frame(out, OpCode::Text, &entry.frame);
+            enc.frame(out, entry.seq, &entry.frame);
         }
         range.cursor = self.entries.last().map_or(range.cursor, |e| e.seq);
         range.read_any = true;
         let n = self.entries.len() as u64;
-        let m = crate::metrics::handles();
-        m.replay_frames.increment(n);
-        m.frames_out[op_out::DISPATCH].increment(n);
+        crate::metrics::handles().replay_frames.increment(n);
+        enc.count(n);
         Ok(())
     }
 
@@ -197,21 +245,21 @@ fn hold_live(live: &mut Live) {
 }
 
 /// After the last range: the live batches held back go out, minus what the replay sent.
-fn release_held(live: &mut Live, out: &mut Vec<u8>) {
+fn release_held(live: &mut Live, out: &mut Vec<u8>, enc: &mut impl Encode) {
     let mut sent = 0u64;
     while let Some(batch) = live.pending.pop_front() {
-        sent += write_batch(live, &batch, out);
+        sent += write_batch(live, &batch, out, enc);
     }
     live.pending_frames = 0;
-    crate::metrics::handles().frames_out[op_out::DISPATCH].increment(sent);
+    enc.count(sent);
 }
 
 /// Writes a live batch's frames from the next seq owed (the rest went out with a replay)
 /// and gives its outbox room back; returns the frames written.
-fn write_batch(live: &mut Live, batch: &Batch, out: &mut Vec<u8>) -> u64 {
+fn write_batch(live: &mut Live, batch: &Batch, out: &mut Vec<u8>, enc: &mut impl Encode) -> u64 {
     let mut sent = 0;
     for (seq, frame) in batch.from_seq(live.next) {
-        push_frame(out, OpCode::Text, frame);
+        enc.frame(out, seq, frame);
         live.next = seq + 1;
         sent += 1;
     }

@@ -43,6 +43,10 @@ pub struct Limits {
     pub stomp_max_subscriptions: usize,
     pub stomp_anonymous: bool,
     pub stomp_rules: Arc<[StompRule]>,
+    pub stomp_broker_prefixes: Arc<[String]>,
+    pub stomp_app_prefixes: Arc<[String]>,
+    pub stomp_max_pending_bytes: usize,
+    pub stomp_max_unacked: usize,
     pub replay_chunk: usize,
     pub submit_rate_per_s: u32,
 }
@@ -60,6 +64,10 @@ impl From<&Config> for Limits {
             stomp_max_subscriptions: c.stomp_max_subscriptions,
             stomp_anonymous: c.stomp_anonymous,
             stomp_rules: c.stomp_rules.clone().into(),
+            stomp_broker_prefixes: c.stomp_broker_prefixes.clone().into(),
+            stomp_app_prefixes: c.stomp_app_prefixes.clone().into(),
+            stomp_max_pending_bytes: c.stomp_max_pending_bytes,
+            stomp_max_unacked: c.stomp_max_unacked,
             replay_chunk: c.replay_chunk,
             submit_rate_per_s: c.submit_rate_per_s,
         }

@@ -14,17 +14,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
-use super::delivery::Delivery;
+use super::delivery::{Delivery, Dispatch};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::ConnCtx;
 use super::CLOSE_TIMEOUT;
 use crate::auth::{Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
-use crate::hub::{HubError, Kick, KickReason, Publish, StreamHandle, Subscriber, TryPublishError};
+use crate::hub::{HubError, Kick, KickReason, Publish, StreamHandle, TryPublishError};
 use crate::metrics::{self, op_in, op_out, ConnRole};
 
 /// Rounds of socket work per wake-up before the task lets others run: a flooding producer
@@ -157,12 +156,15 @@ impl Conn {
             if out.unsent() < WRITE_HIGH {
                 if st.delivery.replaying() {
                     let chunk = st.ctx.limits.replay_chunk;
-                    if let Err(code) = st.delivery.replay_step(out.buf(), chunk) {
+                    if let Err(code) = st.delivery.replay_step(out.buf(), chunk, &mut Dispatch) {
                         return Poll::Ready(Err(code.into()));
                     }
                     progress = true;
                 } else {
-                    match st.delivery.poll_live(cx, out.buf(), WRITE_HIGH) {
+                    match st
+                        .delivery
+                        .poll_live(cx, out.buf(), WRITE_HIGH, &mut Dispatch)
+                    {
                         Poll::Ready(Ok(())) if !out.coalesced => {
                             // Back of the run queue once before writing: commits from the
                             // other streams' owners that are already runnable land in
@@ -322,21 +324,12 @@ impl State {
             Role::Developer => {
                 hub.sessions()
                     .claim_developer(&principal.developer, self.id, &self.kick);
-                let (tx, live) = mpsc::unbounded_channel();
-                let outbox = hub.outbox();
-                let sub = Subscriber {
-                    id: self.id,
-                    tx,
-                    outbox: outbox.clone(),
-                    kick: self.kick.clone(),
-                };
-                let head = stream
-                    .subscribe(sub)
+                self.delivery = Delivery::join(&stream, self.id, hub.outbox(), self.kick.clone())
                     .await
                     .map_err(|_| CloseCode::GoingAway)?;
-                // READY goes out before any delivery: both share `out`, in this order.
+                // READY goes out before any delivery: deliveries are written to `out` only
+                // once this returns.
                 reply(out, Outbound::Ready, op_out::READY);
-                self.delivery.attach(live, outbox, stream.clone(), head);
                 ConnRole::Developer
             }
         };

@@ -1,16 +1,17 @@
 //! The STOMP connection (seeds 000 and 002): CONNECT and version/heart-beat negotiation,
-//! SUBSCRIBE/UNSUBSCRIBE on live topics, SEND (with transactions), RECEIPTs, ERROR then
-//! close on any protocol error, and MESSAGE frames from the hub's topics.
+//! SUBSCRIBE/UNSUBSCRIBE on live topics, SEND to topics and to the chat services (with
+//! transactions), ACK/NACK bookkeeping, RECEIPTs, ERROR then close on any protocol error,
+//! and MESSAGE frames from the hub's topics.
 //!
 //! Owns one connection's STOMP state: the byte buffer frames are decoded from (a frame may
-//! span WebSocket messages), its subscriptions and open transactions, and both heart-beat
-//! timers. The socket is the shared [`WsSocket`]; topics are the hub's. Destinations are
-//! checked here against the broker prefixes; permissions per principal come in a later step.
+//! span WebSocket messages), its subscriptions with their unacknowledged messages, open
+//! transactions, and both heart-beat timers. The socket is the shared [`WsSocket`]; topics
+//! and services are the hub's. Destinations are checked here against the configured
+//! prefixes and the rules for this principal.
 
 use bytes::{Bytes, BytesMut};
 use fastwebsockets::OpCode;
-use std::collections::HashMap;
-use std::convert::Infallible;
+use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,23 +21,26 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
+use super::delivery::{Delivery, Encode};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
-use super::ConnCtx;
-use crate::auth::Role;
+use super::{ConnCtx, CLOSE_TIMEOUT};
+use crate::auth::{Principal, Role};
 use crate::config::StompPrincipal;
 use crate::frontend::stomp::codec::{decode, Command, Decoded, Limits, Version};
-use crate::frontend::stomp::destination;
+use crate::frontend::stomp::destination::{self, DestinationError};
 use crate::frontend::stomp::frame::{
     negotiate_heart_beat, negotiate_version, pass_through, supported_versions, AckMode, Connect,
     Inbound, MessageView, Outbound,
 };
 use crate::frontend::CloseCode;
-use crate::hub::{Inbox, Kick, KickReason, TopicDelivery, TopicMessage};
+use crate::hub::chat::AppEvent;
+use crate::hub::{Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage};
 use crate::metrics::{self, stomp_out, StompError};
 
 const MAX_TRANSACTIONS: usize = 16;
-/// SENDs one transaction may hold until COMMIT.
-const MAX_TRANSACTION_SENDS: usize = 1024;
+/// SENDs and ACKs one transaction may hold until COMMIT.
+const MAX_TRANSACTION_OPS: usize = 1024;
+const JSON_UTF8: &str = "application/json;charset=UTF-8";
 /// Rounds of socket work per wake-up before the task lets others run.
 const BUDGET: usize = 4;
 
@@ -47,10 +51,79 @@ enum Op {
     Send,
 }
 
+/// A developer's own stream as a topic (`/topic/streams/{developer-id}`).
+struct StreamSub {
+    key: u64,
+    id: String,
+    destination: Arc<str>,
+    handle: StreamHandle,
+    delivery: Delivery,
+}
+
+/// A stream subscription to set up: it waits for the stream's owner to answer.
+struct StreamJoin {
+    key: u64,
+    replay_after: Option<u64>,
+    receipt: Option<String>,
+}
+
+/// Frames readings of a stream topic as MESSAGEs: body the DISPATCH JSON, header `seq`,
+/// the seq also as `message-id`.
+struct StreamMessages<'a> {
+    version: Version,
+    subscription: &'a str,
+    destination: &'a str,
+    scratch: &'a mut Vec<u8>,
+}
+
+impl Encode for StreamMessages<'_> {
+    fn frame(&mut self, out: &mut Vec<u8>, seq: u64, dispatch: &[u8]) {
+        let mut digits = itoa::Buffer::new();
+        let seq = digits.format(seq);
+        self.scratch.clear();
+        MessageView {
+            destination: self.destination,
+            subscription: self.subscription,
+            message_id: seq,
+            ack: None,
+            content_type: Some(JSON_UTF8),
+            seq: Some(seq),
+            extra: &[],
+            body: dispatch,
+        }
+        .encode(self.version, self.scratch);
+        super::wire::push_frame(out, OpCode::Text, self.scratch);
+    }
+
+    fn count(&self, n: u64) {
+        metrics::handles().stomp_out[stomp_out::MESSAGE].increment(n);
+    }
+}
+
+/// Where a checked destination leads.
+enum Target {
+    Topic,
+    /// A service under an application prefix.
+    App,
+}
+
 struct Sub {
     id: String,
     destination: Arc<str>,
     ack: AckMode,
+    /// Message ids delivered and not yet ACKed or NACKed, in delivery order (`client` and
+    /// `client-individual` only).
+    unacked: VecDeque<u64>,
+}
+
+/// What a transaction holds until COMMIT.
+enum TxOp {
+    Send(TopicMessage),
+    App(AppEvent),
+    Ack {
+        id: String,
+        subscription: Option<String>,
+    },
 }
 
 struct State {
@@ -72,13 +145,20 @@ struct State {
     subs: HashMap<u64, Sub>,
     by_id: HashMap<String, u64>,
     next_key: u64,
-    transactions: HashMap<String, Vec<TopicMessage>>,
+    transactions: HashMap<String, Vec<TxOp>>,
     inbox: Inbox,
     deliveries: mpsc::UnboundedReceiver<TopicDelivery>,
     /// A token from the upgrade request, used when CONNECT carries none.
     bearer: Option<String>,
     /// Who the client is, set by CONNECT.
     principal: StompPrincipal,
+    /// The user id of a user or employee token: named in presence and typing events.
+    user: Option<Arc<str>>,
+    /// "developer/user" of an employee, counted online until the connection ends.
+    employee: Option<String>,
+    /// The developer id of a developer token: its stream is `/topic/streams/{id}`.
+    developer: Option<Arc<str>>,
+    stream: Option<StreamSub>,
     /// MESSAGE frames are encoded here before their WebSocket header goes in front; kept
     /// between deliveries so that none allocates.
     scratch: Vec<u8>,
@@ -100,7 +180,7 @@ pub(super) async fn run(
     let inbox = Inbox {
         conn: id,
         tx,
-        outbox: ctx.hub.outbox(),
+        outbox: ctx.hub.outbox_bytes(ctx.limits.stomp_max_pending_bytes),
         kick: kick.clone(),
     };
     let mut io = WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id);
@@ -126,11 +206,15 @@ pub(super) async fn run(
         deliveries,
         bearer,
         principal: StompPrincipal::Anonymous,
+        user: None,
+        employee: None,
+        developer: None,
+        stream: None,
         scratch: Vec::new(),
         ctx,
     };
     tracing::debug!(conn = id, "stomp connected");
-    let end = poll_fn(|cx| st.poll_io(cx, &mut io)).await;
+    let end = st.serve(&mut io).await;
     let mut sent_close = false;
     if let End::Close(code) = end {
         m.close(code.code());
@@ -138,6 +222,7 @@ pub(super) async fn run(
         sent_close = io.close(code).await;
     }
     st.leave();
+    st.leave_stream().await;
     st.ctx.unregister(id);
     if sent_close {
         io.await_close().await;
@@ -146,20 +231,55 @@ pub(super) async fn run(
 }
 
 impl State {
-    fn poll_io(&mut self, cx: &mut Context<'_>, io: &mut WsSocket) -> Poll<End> {
-        if let Poll::Ready(reason) = self.kick.poll_kicked(cx) {
-            return Poll::Ready(match reason {
-                KickReason::TooSlow => {
-                    self.error(
-                        &mut io.out,
-                        StompError::Slow,
-                        "too slow: messages were not read in time",
-                        None,
-                    );
-                    CloseCode::TooSlow.into()
+    /// Serves until the connection ends; stream subscriptions are the only work that
+    /// waits (for the stream's owner), after which the frames behind them are decoded.
+    async fn serve(&mut self, io: &mut WsSocket) -> End {
+        loop {
+            let mut wait = match poll_fn(|cx| self.poll_io(cx, io)).await {
+                Ok(join) => Some(join),
+                Err(end) => return end,
+            };
+            while let Some(join) = wait.take() {
+                if let Err(end) = self.join_stream(join, &mut io.out).await {
+                    return end;
                 }
-                _ => CloseCode::GoingAway.into(),
-            });
+                wait = match self.decode_pending(&mut io.out) {
+                    Ok(next) => next,
+                    Err(end) => return end,
+                };
+            }
+            io.resume();
+        }
+    }
+
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut WsSocket,
+    ) -> Poll<Result<StreamJoin, End>> {
+        if let Poll::Ready(reason) = self.kick.poll_kicked(cx) {
+            let (error, code) = match reason {
+                KickReason::TooSlow => (
+                    Some((StompError::Slow, "too slow: messages were not read in time")),
+                    CloseCode::TooSlow,
+                ),
+                KickReason::Duplicate => (
+                    Some((
+                        StompError::Limit,
+                        "a newer consumer of this stream took this one's place",
+                    )),
+                    CloseCode::Duplicate,
+                ),
+                KickReason::StoreFailed => (
+                    Some((StompError::Internal, "the stream's store failed")),
+                    CloseCode::Internal,
+                ),
+                KickReason::Shutdown => (None, CloseCode::GoingAway),
+            };
+            if let Some((reason, message)) = error {
+                self.error(&mut io.out, reason, message, None);
+            }
+            return Poll::Ready(Err(code.into()));
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
             let what = match self.version {
@@ -167,7 +287,7 @@ impl State {
                 Some(_) => "heart-beat missed",
             };
             self.error(&mut io.out, StompError::Timeout, what, None);
-            return Poll::Ready(CloseCode::Protocol.into());
+            return Poll::Ready(Err(CloseCode::Protocol.into()));
         }
         for _ in 0..BUDGET {
             let mut progress = false;
@@ -186,15 +306,22 @@ impl State {
             while io.out.unsent() < WRITE_HIGH {
                 match self.deliveries.poll_recv(cx) {
                     Poll::Ready(Some((key, message))) => {
-                        self.deliver(key, &message, &mut io.out);
+                        if let Err(end) = self.deliver(key, &message, &mut io.out) {
+                            return Poll::Ready(Err(end));
+                        }
                         progress = true;
                     }
                     _ => break,
                 }
             }
+            match self.poll_stream(cx, &mut io.out) {
+                Poll::Ready(Ok(())) => progress = true,
+                Poll::Ready(Err(end)) => return Poll::Ready(Err(end)),
+                Poll::Pending => {}
+            }
             match io.poll_round(cx, self) {
-                Poll::Ready(Ok(Some(never))) => match never {},
-                Poll::Ready(Err(end)) => return Poll::Ready(end),
+                Poll::Ready(Ok(Some(join))) => return Poll::Ready(Ok(join)),
+                Poll::Ready(Err(end)) => return Poll::Ready(Err(end)),
                 Poll::Ready(Ok(None)) => progress = true,
                 Poll::Pending => {}
             }
@@ -206,23 +333,140 @@ impl State {
         Poll::Pending
     }
 
-    /// One MESSAGE for subscription `key`.
-    fn deliver(&mut self, key: u64, message: &TopicMessage, out: &mut Out) {
-        self.inbox.outbox.release(1, message.body.len());
-        let (Some(sub), Some(version)) = (self.subs.get(&key), self.version) else {
-            // Unsubscribed meanwhile.
-            return;
+    /// Stream readings owed, replayed or live, as MESSAGEs; ready when it wrote some.
+    fn poll_stream(&mut self, cx: &mut Context<'_>, out: &mut Out) -> Poll<Result<(), End>> {
+        let (Some(stream), Some(version)) = (&mut self.stream, self.version) else {
+            return Poll::Pending;
         };
+        if out.unsent() >= WRITE_HIGH {
+            return Poll::Pending;
+        }
+        let mut enc = StreamMessages {
+            version,
+            subscription: &stream.id,
+            destination: &stream.destination,
+            scratch: &mut self.scratch,
+        };
+        if stream.delivery.replaying() {
+            let chunk = self.ctx.limits.replay_chunk;
+            return Poll::Ready(
+                stream
+                    .delivery
+                    .replay_step(out.buf(), chunk, &mut enc)
+                    .map_err(End::from),
+            );
+        }
+        match stream
+            .delivery
+            .poll_live(cx, out.buf(), WRITE_HIGH, &mut enc)
+        {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            // The stream is closing (shutdown).
+            Poll::Ready(Err(_)) => Poll::Ready(Err(CloseCode::GoingAway.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Subscribes to the developer's stream; a replay from `replay-after` goes first, then
+    /// live readings, with no gap and no duplicate (as on `/connect`).
+    async fn join_stream(&mut self, join: StreamJoin, out: &mut Out) -> Result<(), End> {
+        let Some(developer) = self.developer.clone() else {
+            return Err(CloseCode::Internal.into());
+        };
+        let hub = self.ctx.hub.clone();
+        let handle = match hub.stream(&developer) {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(conn = self.id, error = %e, "cannot open stream");
+                self.error(
+                    out,
+                    StompError::Internal,
+                    "cannot open the stream",
+                    join.receipt,
+                );
+                return Err(CloseCode::Internal.into());
+            }
+        };
+        hub.sessions()
+            .claim_developer(&developer, self.id, &self.kick);
+        // One outbox for topics and the stream: `stomp_max_pending_bytes` bounds both.
+        let outbox = self.inbox.outbox.clone();
+        let mut delivery = Delivery::join(&handle, self.id, outbox, self.kick.clone())
+            .await
+            .map_err(|_| End::from(CloseCode::GoingAway))?;
+        if let Some(after) = join.replay_after {
+            delivery.request_replay(after, None)?;
+        }
+        let Some(sub) = self.subs.get(&join.key) else {
+            return Err(CloseCode::Internal.into());
+        };
+        self.stream = Some(StreamSub {
+            key: join.key,
+            id: sub.id.clone(),
+            destination: sub.destination.clone(),
+            handle,
+            delivery,
+        });
+        if let Some(receipt_id) = join.receipt {
+            self.receipt(out, receipt_id);
+        }
+        Ok(())
+    }
+
+    /// Ends the stream subscription: gives back the session slot and the queued room.
+    fn drop_stream(&mut self) -> Option<StreamHandle> {
+        let mut stream = self.stream.take()?;
+        stream.delivery.finish();
+        if let Some(developer) = &self.developer {
+            self.ctx
+                .hub
+                .sessions()
+                .release_developer(developer, self.id);
+        }
+        Some(stream.handle)
+    }
+
+    /// [`State::drop_stream`] at the end of the connection, telling the owner at once.
+    async fn leave_stream(&mut self) {
+        if let Some(handle) = self.drop_stream() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, handle.unsubscribe(self.id)).await;
+        }
+    }
+
+    /// One MESSAGE for subscription `key`.
+    fn deliver(&mut self, key: u64, message: &TopicMessage, out: &mut Out) -> Result<(), End> {
+        self.inbox.outbox.release(1, message.body.len());
+        let (Some(sub), Some(version)) = (self.subs.get_mut(&key), self.version) else {
+            // Unsubscribed meanwhile.
+            return Ok(());
+        };
+        if sub.ack != AckMode::Auto {
+            if sub.unacked.len() >= self.ctx.limits.stomp_max_unacked {
+                let what = format!(
+                    "too many unacknowledged messages on subscription {}",
+                    sub.id
+                );
+                self.error(out, StompError::Unacked, &what, None);
+                return Err(CloseCode::TooSlow.into());
+            }
+            sub.unacked.push_back(message.id);
+        }
         let mut id = itoa::Buffer::new();
         let message_id = id.format(message.id);
+        // 1.2 names the message to ACK by the `ack` header when the mode is not auto:
+        // "<subscription key>.<message id>", so an ACK finds its subscription at once.
+        let mut key_digits = itoa::Buffer::new();
+        let mut ack = [0u8; 41];
+        let ack = (version == Version::V1_2 && sub.ack != AckMode::Auto)
+            .then(|| join_ids(&mut ack, key_digits.format(key), message_id));
         self.scratch.clear();
         MessageView {
             destination: &message.destination,
             subscription: &sub.id,
             message_id,
-            // 1.2 names the message to ACK by this header when the mode is not auto.
-            ack: (version == Version::V1_2 && sub.ack != AckMode::Auto).then_some(message_id),
+            ack,
             content_type: message.content_type.as_deref(),
+            seq: None,
             extra: &message.headers,
             body: &message.body,
         }
@@ -235,6 +479,7 @@ impl State {
         };
         super::wire::push_frame(out.buf(), opcode, &self.scratch);
         metrics::handles().stomp_out[stomp_out::MESSAGE].increment(1);
+        Ok(())
     }
 
     /// Queues an ERROR, counted by reason; the caller then closes.
@@ -268,18 +513,19 @@ impl State {
         }
     }
 
+    /// Acts on one client frame; a SUBSCRIBE to the stream comes back as work to wait for.
     fn on_frame(
         &mut self,
         inbound: Inbound,
         receipt: Option<String>,
         out: &mut Out,
-    ) -> Result<(), End> {
+    ) -> Result<Option<StreamJoin>, End> {
         if self.version.is_none() {
             let Inbound::Connect(connect) = inbound else {
                 self.error(out, StompError::State, "expected CONNECT", receipt);
                 return Err(CloseCode::Protocol.into());
             };
-            return self.connect(connect, out);
+            return self.connect(connect, out).map(|()| None);
         }
         match inbound {
             Inbound::Connect(_) => {
@@ -290,9 +536,19 @@ impl State {
                 destination,
                 id,
                 ack,
-                replay_after: _,
+                replay_after,
             } => {
-                self.check(&destination, Op::Subscribe, &receipt, out)?;
+                let stream = destination.starts_with(destination::STREAMS);
+                if stream {
+                    self.check_stream(&destination, ack, &receipt, out)?;
+                } else {
+                    self.check(&destination, Op::Subscribe, &receipt, out)?;
+                    if replay_after.is_some() {
+                        let message = format!("replay-after is for stream topics: {destination}");
+                        self.error(out, StompError::Frame, &message, receipt);
+                        return Err(CloseCode::Protocol.into());
+                    }
+                }
                 if self.by_id.contains_key(&id) {
                     self.error(
                         out,
@@ -308,10 +564,9 @@ impl State {
                 }
                 let key = self.next_key;
                 self.next_key += 1;
-                self.ctx
-                    .hub
-                    .topics()
-                    .subscribe(&destination, key, &self.inbox);
+                if !stream {
+                    self.join(&destination, key);
+                }
                 metrics::handles().stomp_subscriptions.increment(1.0);
                 self.by_id.insert(id.clone(), key);
                 self.subs.insert(
@@ -320,8 +575,17 @@ impl State {
                         id,
                         destination: Arc::from(destination),
                         ack,
+                        unacked: VecDeque::new(),
                     },
                 );
+                if stream {
+                    // The RECEIPT goes out once the subscription is in place.
+                    return Ok(Some(StreamJoin {
+                        key,
+                        replay_after,
+                        receipt,
+                    }));
+                }
             }
             Inbound::Unsubscribe { id } => {
                 let Some(key) = self.by_id.remove(&id) else {
@@ -334,10 +598,12 @@ impl State {
                     return Err(CloseCode::Protocol.into());
                 };
                 if let Some(sub) = self.subs.remove(&key) {
-                    self.ctx
-                        .hub
-                        .topics()
-                        .unsubscribe(&sub.destination, self.id, key);
+                    if self.stream.as_ref().is_some_and(|s| s.key == key) {
+                        // The owner drops the closed channel on its next dispatch.
+                        self.drop_stream();
+                    } else {
+                        self.part(&sub.destination, key);
+                    }
                     metrics::handles().stomp_subscriptions.decrement(1.0);
                 }
             }
@@ -347,45 +613,36 @@ impl State {
                 headers,
                 body,
             } => {
-                self.check(&destination, Op::Send, &receipt, out)?;
-                let topics = self.ctx.hub.topics();
-                let message = TopicMessage {
-                    destination: Arc::from(destination),
-                    id: topics.next_id(),
-                    content_type: headers
-                        .iter()
-                        .find(|(n, _)| n == "content-type")
-                        .map(|(_, v)| v.clone()),
-                    headers: pass_through(headers),
-                    text: std::str::from_utf8(&body).is_ok(),
-                    body,
+                let op = match self.check(&destination, Op::Send, &receipt, out)? {
+                    Target::Topic => {
+                        let topics = self.ctx.hub.topics();
+                        TxOp::Send(TopicMessage {
+                            destination: Arc::from(destination),
+                            id: topics.next_id(),
+                            content_type: headers
+                                .iter()
+                                .find(|(n, _)| n == "content-type")
+                                .map(|(_, v)| v.clone()),
+                            headers: pass_through(headers),
+                            text: std::str::from_utf8(&body).is_ok(),
+                            body,
+                        })
+                    }
+                    Target::App => TxOp::App(self.route(&destination, &receipt, out)?),
                 };
-                match transaction {
-                    None => {
-                        topics.publish(message);
-                        metrics::handles().topic_messages[0].increment(1);
-                    }
-                    Some(tx) => {
-                        let Some(held) = self.transactions.get_mut(&tx) else {
-                            self.error(
-                                out,
-                                StompError::State,
-                                &format!("no transaction {tx}"),
-                                receipt,
-                            );
-                            return Err(CloseCode::Protocol.into());
-                        };
-                        if held.len() >= MAX_TRANSACTION_SENDS {
-                            self.error(out, StompError::Limit, "transaction too large", receipt);
-                            return Err(CloseCode::Protocol.into());
-                        }
-                        held.push(message);
-                    }
-                }
+                self.apply_or_hold(op, transaction, &receipt, out)?;
             }
-            // Live topics keep no unacknowledged messages: an ACK or NACK has nothing to
-            // settle, and is accepted as the protocol allows.
-            Inbound::Ack { .. } => {}
+            Inbound::Ack {
+                nack: _,
+                id,
+                subscription,
+                transaction,
+            } => {
+                // NACK settles like ACK: live topics have no redelivery, and the message is
+                // dropped (see the README's STOMP section).
+                let op = TxOp::Ack { id, subscription };
+                self.apply_or_hold(op, transaction, &receipt, out)?;
+            }
             Inbound::Begin { transaction } => {
                 if self.transactions.contains_key(&transaction)
                     || self.transactions.len() >= MAX_TRANSACTIONS
@@ -412,10 +669,8 @@ impl State {
                 return Err(CloseCode::Protocol.into());
             }
             Inbound::Commit { transaction } => {
-                let topics = self.ctx.hub.topics();
-                for message in self.transactions.remove(&transaction).unwrap_or_default() {
-                    topics.publish(message);
-                    metrics::handles().topic_messages[0].increment(1);
+                for op in self.transactions.remove(&transaction).unwrap_or_default() {
+                    self.apply(op);
                 }
             }
             Inbound::Abort { transaction } => {
@@ -431,25 +686,77 @@ impl State {
         if let Some(receipt_id) = receipt {
             self.receipt(out, receipt_id);
         }
-        Ok(())
+        Ok(None)
     }
 
-    /// A destination that exists and that the rules open to this principal for `op`.
+    /// `/topic/streams/{id}`: open to the developer `id` alone, once per connection, with
+    /// `ack:auto` (a consumer resumes with `replay-after`, not by redelivery).
+    fn check_stream(
+        &self,
+        destination: &str,
+        ack: AckMode,
+        receipt: &Option<String>,
+        out: &mut Out,
+    ) -> Result<(), End> {
+        let id = &destination[destination::STREAMS.len()..];
+        let (reason, message) = if self.developer.as_deref() != Some(id) {
+            (
+                StompError::Forbidden,
+                format!("forbidden: SUBSCRIBE to {destination} needs that developer's token"),
+            )
+        } else if self.stream.is_some() {
+            (
+                StompError::State,
+                format!("already subscribed to {destination}"),
+            )
+        } else if ack != AckMode::Auto {
+            (
+                StompError::Frame,
+                "stream topics take ack:auto; resume with replay-after".to_owned(),
+            )
+        } else {
+            return Ok(());
+        };
+        self.error(out, reason, &message, receipt.clone());
+        Err(CloseCode::Protocol.into())
+    }
+
+    /// A destination that exists and that the rules open to this principal for `op`, and
+    /// which kind it is: a topic, or (SEND only) a service under an application prefix.
     fn check(
         &self,
         destination: &str,
         op: Op,
         receipt: &Option<String>,
         out: &mut Out,
-    ) -> Result<(), End> {
-        if let Err(why) = destination::check(destination) {
-            let message = format!("{why}: {destination}");
-            self.error(out, StompError::Destination, &message, receipt.clone());
-            return Err(CloseCode::Protocol.into());
-        }
-        let rule = self
-            .ctx
-            .limits
+    ) -> Result<Target, End> {
+        let limits = &self.ctx.limits;
+        let checked = match destination::check(destination, &limits.stomp_broker_prefixes) {
+            Err(DestinationError::Unknown) if matches!(op, Op::Send) => {
+                destination::check(destination, &limits.stomp_app_prefixes).map(|()| Target::App)
+            }
+            other => other.map(|()| Target::Topic),
+        };
+        let checked = match checked {
+            Ok(_) if destination.starts_with(destination::STREAMS) => {
+                // Only a stream's producers write it, on `/connect`.
+                Err(DestinationError::ReadOnly)
+            }
+            other => other,
+        };
+        let target = match checked {
+            Ok(target) => target,
+            Err(why) => {
+                let message = format!("{why}: {destination}");
+                self.error(out, StompError::Destination, &message, receipt.clone());
+                return Err(CloseCode::Protocol.into());
+            }
+        };
+        let verb = match op {
+            Op::Subscribe => "SUBSCRIBE",
+            Op::Send => "SEND",
+        };
+        let rule = limits
             .stomp_rules
             .iter()
             .filter(|r| destination.starts_with(&r.prefix))
@@ -459,15 +766,125 @@ impl State {
             Op::Send => r.send.contains(&self.principal),
         });
         if !allowed {
-            let verb = match op {
-                Op::Subscribe => "SUBSCRIBE",
-                Op::Send => "SEND",
-            };
             let message = format!("forbidden: {verb} to {destination}");
             self.error(out, StompError::Forbidden, &message, receipt.clone());
             return Err(CloseCode::Protocol.into());
         }
+        Ok(target)
+    }
+
+    /// The service a SEND to an application destination asks for.
+    fn route(
+        &self,
+        destination: &str,
+        receipt: &Option<String>,
+        out: &mut Out,
+    ) -> Result<AppEvent, End> {
+        let routed = self.ctx.hub.chat().map(|chat| chat.route(destination));
+        let message = match (routed, &self.user) {
+            (Some(Ok(event)), Some(_)) => return Ok(event),
+            (Some(Ok(_)), None) => format!("forbidden: SEND to {destination} needs a user token"),
+            _ => format!("unknown destination: {destination}"),
+        };
+        let reason = if self.user.is_none() {
+            StompError::Forbidden
+        } else {
+            StompError::Destination
+        };
+        self.error(out, reason, &message, receipt.clone());
+        Err(CloseCode::Protocol.into())
+    }
+
+    /// Applies `op` now, or holds it in its transaction until COMMIT.
+    fn apply_or_hold(
+        &mut self,
+        op: TxOp,
+        transaction: Option<String>,
+        receipt: &Option<String>,
+        out: &mut Out,
+    ) -> Result<(), End> {
+        let Some(tx) = transaction else {
+            self.apply(op);
+            return Ok(());
+        };
+        let Some(held) = self.transactions.get_mut(&tx) else {
+            let message = format!("no transaction {tx}");
+            self.error(out, StompError::State, &message, receipt.clone());
+            return Err(CloseCode::Protocol.into());
+        };
+        if held.len() >= MAX_TRANSACTION_OPS {
+            self.error(
+                out,
+                StompError::Limit,
+                "transaction too large",
+                receipt.clone(),
+            );
+            return Err(CloseCode::Protocol.into());
+        }
+        held.push(op);
         Ok(())
+    }
+
+    fn apply(&mut self, op: TxOp) {
+        match op {
+            TxOp::Send(message) => {
+                self.ctx.hub.topics().publish(message);
+                metrics::handles().topic_messages[0].increment(1);
+            }
+            TxOp::App(event) => {
+                if let (Some(chat), Some(user)) = (self.ctx.hub.chat(), &self.user) {
+                    chat.raise(&event, user);
+                }
+            }
+            TxOp::Ack { id, subscription } => self.settle(&id, subscription.as_deref()),
+        }
+    }
+
+    /// Settles an ACK or NACK: the message named, and in `client` mode every one before it,
+    /// is no longer outstanding. One that names no outstanding message (already covered by
+    /// a cumulative ACK, or on an `auto` subscription) changes nothing.
+    fn settle(&mut self, id: &str, subscription: Option<&str>) {
+        // 1.2 sends back our `ack` header, "<key>.<message id>"; 1.1 names the
+        // subscription; 1.0 only the message.
+        let (key, message) = match id.split_once('.') {
+            Some((key, message)) => (key.parse::<u64>().ok(), message),
+            None => (subscription.and_then(|s| self.by_id.get(s)).copied(), id),
+        };
+        let Ok(message) = message.parse::<u64>() else {
+            return;
+        };
+        for (k, sub) in self.subs.iter_mut() {
+            if key.is_some_and(|key| key != *k) {
+                continue;
+            }
+            if let Some(at) = sub.unacked.iter().position(|&m| m == message) {
+                match sub.ack {
+                    AckMode::Client => drop(sub.unacked.drain(..=at)),
+                    AckMode::ClientIndividual | AckMode::Auto => drop(sub.unacked.remove(at)),
+                }
+                return;
+            }
+        }
+        tracing::debug!(conn = self.id, id, "ACK for no outstanding message");
+    }
+
+    /// Joins a topic, through the chat services when they run.
+    fn join(&self, destination: &str, key: u64) {
+        match self.ctx.hub.chat() {
+            Some(chat) => chat.join(destination, key, &self.inbox, self.user.as_deref()),
+            None => self
+                .ctx
+                .hub
+                .topics()
+                .subscribe(destination, key, &self.inbox),
+        }
+    }
+
+    fn part(&self, destination: &str, key: u64) {
+        match self.ctx.hub.chat() {
+            Some(chat) => chat.part(destination, self.id, key, self.user.as_deref()),
+            None => self.ctx.hub.topics().unsubscribe(destination, self.id, key),
+        }
     }
 
     fn receipt(&self, out: &mut Out, receipt_id: String) {
@@ -502,10 +919,7 @@ impl State {
             .or_else(|| self.bearer.take());
         self.principal = match token {
             Some(token) => match self.ctx.auth.redeem_any(&token) {
-                Ok(p) => match p.role {
-                    Role::User => StompPrincipal::User,
-                    Role::Developer => StompPrincipal::Developer,
-                },
+                Ok(p) => self.identified(p),
                 Err(e) => {
                     tracing::info!(conn = self.id, error = %e, "STOMP CONNECT refused");
                     self.error(out, StompError::Auth, "invalid token", None);
@@ -547,12 +961,35 @@ impl State {
         Ok(())
     }
 
+    /// Takes in a redeemed token: the user it names, and an employee counted online.
+    fn identified(&mut self, p: Principal) -> StompPrincipal {
+        match p.role {
+            Role::Developer => {
+                self.developer = Some(p.developer.clone());
+                return StompPrincipal::Developer;
+            }
+            Role::User => self.user = Some(p.user.clone()),
+        }
+        if !p.employee {
+            return StompPrincipal::User;
+        }
+        let who = format!("{}/{}", p.developer, p.user);
+        if let Some(chat) = self.ctx.hub.chat() {
+            chat.employee_joined(&who);
+        }
+        self.employee = Some(who);
+        StompPrincipal::Employee
+    }
+
     /// Drops every subscription; open transactions are aborted with the connection.
     fn leave(&mut self) {
-        let topics = self.ctx.hub.topics();
         let held = self.subs.len();
-        for (key, sub) in self.subs.drain() {
-            topics.unsubscribe(&sub.destination, self.id, key);
+        let subs: Vec<_> = self.subs.drain().collect();
+        for (key, sub) in subs {
+            self.part(&sub.destination, key);
+        }
+        if let (Some(chat), Some(who)) = (self.ctx.hub.chat(), &self.employee) {
+            chat.employee_left(who);
         }
         metrics::handles()
             .stomp_subscriptions
@@ -565,12 +1002,19 @@ impl State {
 }
 
 impl Handler for State {
-    /// A STOMP frame never has to wait: SEND publishes without blocking.
-    type Wait = Infallible;
+    /// Only a stream subscription waits (for its owner); SEND publishes without blocking.
+    type Wait = StreamJoin;
 
-    fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Infallible>, End> {
+    fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<StreamJoin>, End> {
         self.alive();
         self.pending.extend_from_slice(data);
+        self.decode_pending(out)
+    }
+}
+
+impl State {
+    /// Acts on the whole frames buffered, up to one that has to wait.
+    fn decode_pending(&mut self, out: &mut Out) -> Result<Option<StreamJoin>, End> {
         // Before CONNECT the client's version is unknown: the 1.2 grammar accepts the most.
         loop {
             let version = self.version.unwrap_or(Version::V1_2);
@@ -594,13 +1038,24 @@ impl Handler for State {
                     return Err(CloseCode::Protocol.into());
                 }
             };
-            self.on_frame(inbound, receipt, out)?;
+            if let Some(join) = self.on_frame(inbound, receipt, out)? {
+                return Ok(Some(join));
+            }
         }
         if self.pending.is_empty() && self.pending.capacity() > 4096 {
             self.pending = BytesMut::new();
         }
         Ok(None)
     }
+}
+
+/// `<key>.<id>` in `buf`, without allocating.
+fn join_ids<'a>(buf: &'a mut [u8; 41], key: &str, id: &str) -> &'a str {
+    let n = key.len();
+    buf[..n].copy_from_slice(key.as_bytes());
+    buf[n] = b'.';
+    buf[n + 1..n + 1 + id.len()].copy_from_slice(id.as_bytes());
+    std::str::from_utf8(&buf[..n + 1 + id.len()]).expect("ASCII digits")
 }
 
 /// The `command` label index of a client frame in [`metrics::STOMP_IN`].

@@ -2,7 +2,8 @@
 //! policy and the duplicate-connection rule.
 //!
 //! Owns the map from stream id to its owner task ([`stream`]), the live topics with no log
-//! behind them ([`topics`]), the session registry ([`sessions`]) and retention. Talks to the log through its traits only and never imports
+//! behind them ([`topics`]) and seed 002's services on them ([`chat`]), the session
+//! registry ([`sessions`]) and retention. Talks to the log through its traits only and never imports
 //! `conn` or a front-end: what goes in and out are the value types in [`types`].
 //!
 //! Full-queue policies: a producer waits for room in its stream's queue
@@ -10,6 +11,7 @@
 //! `consumer_queue_max` frames or `CONSUMER_QUEUE_MAX_BYTES` is kicked with
 //! [`KickReason::TooSlow`] (close 4009) and the rest carry on.
 
+pub mod chat;
 mod sessions;
 mod stream;
 mod topics;
@@ -23,6 +25,7 @@ pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate, SEQ_DIGIT
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
@@ -52,6 +55,9 @@ pub struct HubConfig {
     pub max_consumers_per_developer: usize,
     pub retention_max_age_s: u64,
     pub retention_max_per_stream: u64,
+    /// Seed 002's services on `/v1` ([`chat`]).
+    pub chat: bool,
+    pub chat_heartbeat: Duration,
 }
 
 impl From<&Config> for HubConfig {
@@ -64,6 +70,8 @@ impl From<&Config> for HubConfig {
             max_consumers_per_developer: c.max_consumers_per_developer,
             retention_max_age_s: c.retention_max_age_s,
             retention_max_per_stream: c.retention_max_per_stream,
+            chat: c.stomp_services,
+            chat_heartbeat: Duration::from_secs(c.stomp_heartbeat_topic_s),
         }
     }
 }
@@ -79,6 +87,7 @@ struct Inner {
     streams: DashMap<Arc<str>, StreamHandle>,
     sessions: Sessions,
     topics: Topics,
+    chat: chat::ChatState,
     config: HubConfig,
     owners: TaskTracker,
 }
@@ -91,6 +100,7 @@ impl Hub {
                 streams: DashMap::new(),
                 sessions: Sessions::new(config.max_consumers_per_developer),
                 topics: Topics::new(),
+                chat: chat::ChatState::new(config.chat_heartbeat),
                 config,
                 owners: TaskTracker::new(),
             }),
@@ -110,12 +120,22 @@ impl Hub {
         &self.inner.topics
     }
 
+    /// Seed 002's services, when configured.
+    pub fn chat(&self) -> Option<chat::Chat<'_>> {
+        self.inner.config.chat.then_some(chat::Chat {
+            state: &self.inner.chat,
+            topics: &self.inner.topics,
+        })
+    }
+
     /// A new outbox bound for one consumer.
     pub fn outbox(&self) -> Arc<Outbox> {
-        Outbox::new(
-            self.inner.config.consumer_queue_max,
-            CONSUMER_QUEUE_MAX_BYTES,
-        )
+        self.outbox_bytes(CONSUMER_QUEUE_MAX_BYTES)
+    }
+
+    /// [`Hub::outbox`] with its own byte bound.
+    pub fn outbox_bytes(&self, max_bytes: usize) -> Arc<Outbox> {
+        Outbox::new(self.inner.config.consumer_queue_max, max_bytes)
     }
 
     /// The stream of a developer, started (and recovered from the log) on first use.

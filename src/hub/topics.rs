@@ -68,12 +68,35 @@ impl Topics {
 
     /// Adds a subscription; its deliveries arrive on `inbox` tagged with `key`.
     pub fn subscribe(&self, destination: &str, key: u64, inbox: &Inbox) {
+        self.subscribe_with(destination, key, inbox, None);
+    }
+
+    /// [`Topics::subscribe`], delivering `first` to this subscription alone before anything
+    /// published after it (a service's current value, say).
+    pub fn subscribe_with(
+        &self,
+        destination: &str,
+        key: u64,
+        inbox: &Inbox,
+        first: Option<TopicMessage>,
+    ) {
         let topic = self
             .topics
             .entry(Arc::from(destination))
             .or_default()
             .clone();
-        topic.subs.lock().push(Sub {
+        let mut subs = topic.subs.lock();
+        if let Some(first) = first {
+            let bytes = first.body.len();
+            let item = (key, Arc::new(first));
+            if !inbox
+                .outbox
+                .offer(&inbox.kick, &inbox.tx, item, 1, bytes, inbox.conn)
+            {
+                return;
+            }
+        }
+        subs.push(Sub {
             key,
             inbox: inbox.clone(),
         });

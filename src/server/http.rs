@@ -99,8 +99,8 @@ fn metrics() -> Response<Body> {
     r
 }
 
-/// `POST /auth/developer` and `POST /auth/user?id=…`: 200 `{"token":"…"}`, 400 for
-/// missing input, 403 for bad credentials.
+/// `POST /auth/developer` and `POST /auth/user?id=…[&employee=true]`: 200
+/// `{"token":"…"}`, 400 for missing input, 403 for bad credentials.
 fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
     let Some((developer, key)) = credentials(req) else {
         return error(
@@ -108,8 +108,19 @@ fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
             "missing credentials: send dev-id and x-api-key headers, or HTTP Basic",
         );
     };
+    let query = req.uri().query().unwrap_or("");
+    let employee = match query_param(query, "employee").as_deref() {
+        None | Some("false") => false,
+        Some("true") if role == Role::User => true,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "employee must be true or false, and only on /auth/user",
+            )
+        }
+    };
     let user = match role {
-        Role::User => match query_param(req.uri().query().unwrap_or(""), "id") {
+        Role::User => match query_param(query, "id") {
             Some(id) if !id.is_empty() => Some(id),
             _ => {
                 return error(
@@ -125,7 +136,11 @@ fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
         tracing::info!(developer = %developer, "token refused: bad credentials");
         return error(StatusCode::FORBIDDEN, "unknown developer or wrong api key");
     }
-    match auth.mint(&developer, role, user.as_deref()) {
+    let minted = match (&user, employee) {
+        (Some(user), true) => auth.mint_employee(&developer, user),
+        _ => auth.mint(&developer, role, user.as_deref()),
+    };
+    match minted {
         Ok(token) => {
             metrics::counter!(crate::metrics::TOKENS_MINTED, "role" => role.as_str()).increment(1);
             json(

@@ -2,7 +2,8 @@
 //! waiting-list messages, seed 002's chat events).
 //!
 //! Body: `{"destination": "...", "data": <json>, "headers": {...}}`, or `{"messages": [...]}`
-//! of those. Authenticated like the token endpoints (developer API key). `data` is relayed
+//! of those. Authenticated like the token endpoints (developer API key), or by a configured
+//! publisher's key as `Authorization: Bearer <key>`. `data` is relayed
 //! byte for byte as the MESSAGE body with `content-type:application/json;charset=UTF-8`;
 //! `headers` become MESSAGE headers (the frame's own, such as `destination`, are dropped).
 //! Answers 200 `{"message_ids": [...]}` in order. Owns no state: it validates and hands
@@ -11,6 +12,7 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::header::AUTHORIZATION;
 use hyper::{Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -53,14 +55,28 @@ struct One<'a> {
 }
 
 pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
-    let Some((developer, key)) = credentials(&req) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "missing credentials: send dev-id and x-api-key headers, or HTTP Basic",
-        );
+    let auth = &app.ctx.auth;
+    let bearer = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let allowed = match (bearer, credentials(&req)) {
+        (Some(key), _) => auth.check_publisher(key.trim()).is_ok(),
+        (None, Some((developer, key))) => auth.check_key(&developer, &key).is_ok(),
+        (None, None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "missing credentials: send a publisher key as Authorization: Bearer, \
+                 or dev-id and x-api-key headers, or HTTP Basic",
+            );
+        }
     };
-    if app.ctx.auth.check_key(&developer, &key).is_err() {
-        return error(StatusCode::FORBIDDEN, "unknown developer or wrong api key");
+    if !allowed {
+        return error(
+            StatusCode::FORBIDDEN,
+            "unknown publisher or developer, or wrong key",
+        );
     }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -71,7 +87,8 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
             )
         }
     };
-    let messages = match parse(&body, app.ctx.limits.max_frame_bytes) {
+    let limits = &app.ctx.limits;
+    let messages = match parse(&body, limits.max_frame_bytes, &limits.stomp_broker_prefixes) {
         Ok(m) => m,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
@@ -99,8 +116,9 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
 
 type Parsed = Vec<(String, Bytes, Vec<(String, String)>)>;
 
-/// The messages of a request, each checked; the error names what is wrong.
-fn parse(body: &Bytes, max_data: usize) -> Result<Parsed, String> {
+/// The messages of a request, each checked against the broker `prefixes`; the error names
+/// what is wrong.
+fn parse(body: &Bytes, max_data: usize, prefixes: &[String]) -> Result<Parsed, String> {
     let envelope: Envelope =
         serde_json::from_slice(body).map_err(|e| format!("invalid JSON body: {e}"))?;
     let list = match (envelope.messages, envelope.destination, envelope.data) {
@@ -122,8 +140,14 @@ fn parse(body: &Bytes, max_data: usize) -> Result<Parsed, String> {
     }
     list.into_iter()
         .map(|one| {
-            destination::check(&one.destination)
+            destination::check(&one.destination, prefixes)
                 .map_err(|e| format!("{e}: {}", one.destination))?;
+            if one.destination.starts_with(destination::STREAMS) {
+                return Err(format!(
+                    "streams are written by their producers on /connect: {}",
+                    one.destination
+                ));
+            }
             let data = one.data.get();
             if data.len() > max_data {
                 return Err(format!("data larger than {max_data} bytes"));
@@ -144,6 +168,10 @@ fn parse(body: &Bytes, max_data: usize) -> Result<Parsed, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(body: &Bytes, max_data: usize) -> Result<Parsed, String> {
+        super::parse(body, max_data, &["/topic/".into(), "/v1/topic/".into()])
+    }
 
     #[test]
     fn one_or_many_messages_and_what_is_refused() {
@@ -183,6 +211,10 @@ mod tests {
                 "invalid JSON",
             ),
             (br#"not json"#, "invalid JSON"),
+            (
+                br#"{"destination":"/topic/streams/acme","data":1}"#,
+                "streams are written by their producers",
+            ),
         ] {
             let max = if want == "data larger than" { 3 } else { 1000 };
             let err = parse(&Bytes::from_static(body), max).unwrap_err();

@@ -12,6 +12,8 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod stomp;
+
 pub use sensorgate::config::{Config, DeveloperConfig};
 
 pub const DEV: &str = "acme";

@@ -271,6 +271,7 @@ impl Outbound {
                 message_id,
                 ack: ack.as_deref(),
                 content_type: content_type.as_deref(),
+                seq: None,
                 extra,
                 body,
             }
@@ -308,6 +309,8 @@ pub struct MessageView<'a> {
     pub message_id: &'a str,
     pub ack: Option<&'a str>,
     pub content_type: Option<&'a str>,
+    /// A stream topic's sequence number.
+    pub seq: Option<&'a str>,
     pub extra: &'a [(String, String)],
     pub body: &'a [u8],
 }
@@ -324,6 +327,7 @@ impl MessageView<'_> {
                 ("message-id", self.message_id),
             ])
             .chain(self.ack.map(|a| ("ack", a)))
+            .chain(self.seq.map(|s| ("seq", s)))
             .chain(self.extra.iter().map(|(n, v)| (n.as_str(), v.as_str())));
         encode_parts(Command::Message, headers, self.body, version, out)
     }
