@@ -65,13 +65,54 @@ async fn output(cmd: &mut tokio::process::Command) -> (bool, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stompjs_runs_seed_000_and_002_flows_unchanged() {
+async fn stompjs_runs_seed_000_and_002_topic_flows_unchanged() {
     let script = tokio::task::spawn_blocking(stompjs).await.unwrap();
     let srv = TestServer::start().await;
     let url = format!("ws://{}/stomp/websocket", srv.addr);
     let (ok, text) = output(tokio::process::Command::new("node").arg(&script).arg(&url)).await;
     assert!(ok, "{text}");
     assert!(text.contains("OK stompjs"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stompjs_runs_seed_002_chat_services_unchanged() {
+    let script = tokio::task::spawn_blocking(stompjs).await.unwrap();
+    let chat = script.with_file_name("chat.mjs");
+    // A window of one: a client whose ACKs did not settle would be closed (4009).
+    let srv = TestServer::start_with(|c| c.stomp_max_unacked = 1).await;
+    let employee = srv.token("/auth/user?id=e-1&employee=true").await;
+    let customer = srv.token("/auth/user?id=c-1").await;
+    let url = format!("ws://{}/api/v1/chat", srv.addr);
+    let (ok, text) = output(
+        tokio::process::Command::new("node")
+            .arg(&chat)
+            .arg(&url)
+            .arg(&employee)
+            .arg(&customer),
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("OK stompjs chat"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp_py_runs_seed_002_customer_flow_with_acks() {
+    let (python, script) = tokio::task::spawn_blocking(stomppy).await.unwrap();
+    // A window of one: a client whose ACKs did not settle would be closed (4009).
+    let srv = TestServer::start_with(|c| c.stomp_max_unacked = 1).await;
+    let customer = srv.token("/auth/user?id=c-1").await;
+    let (ok, text) = output(
+        tokio::process::Command::new(python)
+            .arg(&script)
+            .arg("127.0.0.1")
+            .arg(srv.addr.port().to_string())
+            .arg("/api/v1/chat")
+            .arg("chat")
+            .arg(&customer),
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("OK stomp.py chat"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

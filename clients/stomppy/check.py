@@ -1,7 +1,10 @@
-"""Seed 000's flow with stomp.py's WSStompConnection, which offers no WebSocket subprotocol,
-against a running sensorgate. Usage: python check.py HOST PORT PATH
+"""Seed 000's flow, or (with `chat TOKEN`) seed 002's customer flow, with stomp.py's
+WSStompConnection, which offers no WebSocket subprotocol, against a running sensorgate.
+Usage: python check.py HOST PORT PATH [chat TOKEN]
 Exits 0 when every expectation holds, 1 (with the reason) otherwise."""
 
+import json
+import queue
 import sys
 import threading
 
@@ -65,5 +68,50 @@ def main() -> int:
     return 0
 
 
+def chat(host: str, port: int, path: str, token: str) -> int:
+    """A 1.2 customer with a bearer token in CONNECT: joins a conversation with
+    client-individual acks, ACKs through stomp.py's own ack(), and raises a typing event."""
+    messages = queue.Queue()
+    errors = []
+
+    class Listener(stomp.ConnectionListener):
+        def on_message(self, frame):
+            messages.put(frame)
+
+        def on_error(self, frame):
+            errors.append(frame.headers.get("message"))
+
+    c = stomp.WSStompConnection(
+        [(host, port)], ws_path=path, heartbeats=(0, 0), vhost="localhost"
+    )
+    c.set_listener("l", Listener())
+    c.connect(wait=True, headers={"accept-version": "1.2", "Authorization": f"Bearer {token}"})
+    conversation = "/v1/topic/conversation/28ccd489-f588-4d35-99a9-1e74ec2475b2"
+    c.subscribe(conversation, id="conv", ack="client-individual")
+    events = []
+    for step in ("userConnected", "startTyping"):
+        if step == "startTyping":
+            c.send(conversation.replace("/topic/", "/app/") + "/typing/start", "")
+        try:
+            m = messages.get(timeout=10)
+        except queue.Empty:
+            print(f"FAIL no {step} event; errors: {errors}", file=sys.stderr)
+            return 1
+        event = json.loads(m.body)
+        if event.get(step, {}).get("userId") != "c-1" or not m.headers.get("ack"):
+            print(f"FAIL {step}: {m.headers} {m.body!r}", file=sys.stderr)
+            return 1
+        c.ack(m.headers["ack"])
+        events.append(step)
+    c.disconnect(receipt="bye")
+    if errors:
+        print(f"FAIL ERROR {errors}", file=sys.stderr)
+        return 1
+    print(f"OK stomp.py chat: {', '.join(events)}, acked")
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[4] == "chat":
+        sys.exit(chat(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]))
     sys.exit(main())

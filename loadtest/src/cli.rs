@@ -154,6 +154,18 @@ pub struct StompArgs {
     /// WebSocket path of the STOMP endpoint (RabbitMQ Web-STOMP: /ws).
     #[arg(long, default_value = "/stomp/websocket")]
     pub path: String,
+
+    /// How publishers send: STOMP SEND frames, or `POST /api/publish` batches (up to 64
+    /// messages a request, with a developer's key from --data-dir/--config/--dev-id).
+    #[arg(long, value_enum, default_value_t = Via::Stomp)]
+    pub via: Via,
+}
+
+/// How the `stomp` scenario publishes.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Stomp,
+    Http,
 }
 
 /// Options of `null-relay`.

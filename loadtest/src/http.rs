@@ -1,12 +1,13 @@
 //! Plain-HTTP calls to the gateway over a reused keep-alive connection:
-//! minting single-use tokens (`/auth/developer`, `/auth/user`) and scraping
-//! the server's resident memory from `/metrics`.
+//! minting single-use tokens (`/auth/developer`, `/auth/user`), publishing to
+//! topics (`/api/publish`) and scraping the server's resident memory from
+//! `/metrics`.
 
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -22,7 +23,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Not shareable: give each concurrent worker its own.
 pub struct HttpClient {
     target: Target,
-    sender: Option<SendRequest<Empty<Bytes>>>,
+    sender: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl HttpClient {
@@ -46,6 +47,24 @@ impl HttpClient {
         self.token(&endpoint, &path, dev).await
     }
 
+    /// POSTs a JSON body to `/api/publish` with a developer's key.
+    pub async fn publish(&mut self, dev: &Developer, body: Bytes) -> Result<()> {
+        let path = self.target.path("/api/publish");
+        let headers = [
+            ("dev-id", dev.id.as_str()),
+            ("x-api-key", dev.api_key.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let (status, answer) = self.request(Method::POST, &path, &headers, body).await?;
+        if status != StatusCode::OK {
+            bail!(
+                "POST /api/publish: HTTP {status}: {}",
+                String::from_utf8_lossy(&answer).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// POSTs to `path`; errors name only `endpoint` (no per-user query) so
     /// failures group well in reports.
     async fn token(&mut self, endpoint: &str, path: &str, dev: &Developer) -> Result<String> {
@@ -58,7 +77,7 @@ impl HttpClient {
             ("x-api-key", dev.api_key.as_str()),
         ];
         let (status, body) = self
-            .request(Method::POST, path, &headers)
+            .request(Method::POST, path, &headers, Bytes::new())
             .await
             .map_err(|e| anyhow!("POST {endpoint}: {}", e.root_cause()))?;
         if status != StatusCode::OK {
@@ -76,7 +95,7 @@ impl HttpClient {
     /// The server's `sensorgate_process_resident_memory_bytes`, if exported.
     pub async fn resident_memory(&mut self) -> Result<Option<u64>> {
         let path = self.target.path("/metrics");
-        let (status, body) = self.request(Method::GET, &path, &[]).await?;
+        let (status, body) = self.request(Method::GET, &path, &[], Bytes::new()).await?;
         if status != StatusCode::OK {
             bail!("GET {path}: HTTP {status}");
         }
@@ -94,12 +113,16 @@ impl HttpClient {
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
+        body: Bytes,
     ) -> Result<(StatusCode, Bytes)> {
         let reused = self.sender.as_ref().is_some_and(|s| !s.is_closed());
-        match self.request_once(method.clone(), path, headers).await {
+        match self
+            .request_once(method.clone(), path, headers, body.clone())
+            .await
+        {
             Err(e) if reused => {
                 self.sender = None;
-                self.request_once(method, path, headers)
+                self.request_once(method, path, headers, body)
                     .await
                     .with_context(|| format!("retry after: {e:#}"))
             }
@@ -112,6 +135,7 @@ impl HttpClient {
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
+        body: Bytes,
     ) -> Result<(StatusCode, Bytes)> {
         let what = format!("{method} {path}");
         let result = timeout(REQUEST_TIMEOUT, async {
@@ -120,12 +144,12 @@ impl HttpClient {
                 .uri(path)
                 .header(hyper::header::HOST, self.target.host_header.as_str());
             if method == Method::POST {
-                req = req.header(hyper::header::CONTENT_LENGTH, "0");
+                req = req.header(hyper::header::CONTENT_LENGTH, body.len());
             }
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
-            let req = req.body(Empty::new())?;
+            let req = req.body(Full::new(body))?;
             let response = self.sender().await?.send_request(req).await?;
             let status = response.status();
             let body = response.into_body().collect().await?.to_bytes();
@@ -145,7 +169,7 @@ impl HttpClient {
         }
     }
 
-    async fn sender(&mut self) -> Result<&mut SendRequest<Empty<Bytes>>> {
+    async fn sender(&mut self) -> Result<&mut SendRequest<Full<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = TcpStream::connect(self.target.addr)
                 .await

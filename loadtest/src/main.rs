@@ -56,7 +56,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Parser as _;
 use serde::Serialize;
 
-use crate::cli::{Cli, Scenario};
+use crate::cli::{Cli, Scenario, Via};
 use crate::ctx::{Ctx, Stop};
 use crate::report::Outcome;
 use crate::target::Target;
@@ -90,8 +90,9 @@ fn run(cli: Cli) -> Result<bool> {
         return Ok(true);
     }
     let target = Target::parse(&common.url, common.allow_remote)?;
-    // STOMP topics are open to anonymous clients: no credentials needed.
-    let developers = if matches!(cli.scenario, Scenario::Stomp(_)) {
+    // STOMP topics are open to anonymous clients: no credentials needed, unless messages
+    // go through the HTTP publish API.
+    let developers = if matches!(&cli.scenario, Scenario::Stomp(a) if a.via == Via::Stomp) {
         Vec::new()
     } else {
         creds::collect(&creds::Sources {

@@ -10,15 +10,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde::Serialize;
+use std::ops::RangeInclusive;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout, Instant};
 
-use crate::cli::StompArgs;
+use crate::cli::{StompArgs, Via};
+use crate::creds::Developer;
 use crate::ctx::Ctx;
 use crate::frames;
+use crate::http::HttpClient;
 use crate::report::{self, Outcome, Table};
 use crate::stats::{latency_histogram, record_latency, Latency};
 use crate::ws::{self, Buffers, Flow, WsRead, WsWrite};
@@ -228,18 +232,28 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
     let end_at = ctx.bound(started + Duration::from_secs_f64(a.duration));
     let mut pubs = JoinSet::new();
     for p in 0..a.publishers {
-        let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
-        stomp_connect(&mut read, &mut write).await?;
+        let mut publisher = match a.via {
+            Via::Stomp => {
+                let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
+                stomp_connect(&mut read, &mut write).await?;
+                Publisher::Stomp { _read: read, write }
+            }
+            Via::Http => Publisher::Http {
+                client: HttpClient::new(ctx.target.clone()),
+                dev: ctx.developers.first().cloned().ok_or_else(|| {
+                    anyhow!("--via http needs a developer's key (--data-dir, --config or --dev-id)")
+                })?,
+            },
+        };
         let topic = p % a.topics;
         let size = a.size;
         let phase = rate_each.map_or(Duration::ZERO, |r| {
             Duration::from_secs_f64(p as f64 / (a.publishers as f64 * r))
         });
         pubs.spawn(async move {
-            let _keep = read;
             let mut n = 0u64;
             let start = started + phase;
-            let mut frame = Vec::with_capacity(size + 96);
+            let mut buf = Vec::with_capacity(size + 96);
             while Instant::now() < end_at {
                 let mut want = BATCH;
                 if let Some(r) = rate_each {
@@ -254,16 +268,13 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
                     }
                     want = want.min(due - n);
                 }
-                for _ in 0..want {
-                    n += 1;
-                    send_frame(&mut frame, topic, p as u64, n, size);
-                    if ws::send(&mut write, &mut frame).await.is_err() {
-                        return (n - 1, Some("publisher write failed".to_string()));
-                    }
+                if let Err(e) = publisher
+                    .send(&mut buf, topic, p as u64, n + 1..=n + want, size)
+                    .await
+                {
+                    return (n, Some(e));
                 }
-                if write.flush().await.is_err() {
-                    return (n, Some("publisher flush failed".to_string()));
-                }
+                n += want;
             }
             (n, None)
         });
@@ -324,6 +335,66 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
     })
 }
 
+/// Where a publisher's messages go in.
+enum Publisher {
+    Stomp {
+        /// Kept open; the server's replies are not read.
+        _read: WsRead,
+        write: WsWrite,
+    },
+    Http {
+        client: HttpClient,
+        dev: Developer,
+    },
+}
+
+impl Publisher {
+    /// Messages `ns` of publisher `p` to `topic`: SEND frames in one flush, or one
+    /// `POST /api/publish` of them all. The error says what failed.
+    async fn send(
+        &mut self,
+        buf: &mut Vec<u8>,
+        topic: usize,
+        p: u64,
+        ns: RangeInclusive<u64>,
+        size: usize,
+    ) -> Result<(), String> {
+        match self {
+            Publisher::Stomp { write, .. } => {
+                for n in ns {
+                    send_frame(buf, topic, p, n, size);
+                    ws::send(write, buf)
+                        .await
+                        .map_err(|_| "publisher write failed".to_string())?;
+                }
+                write
+                    .flush()
+                    .await
+                    .map_err(|_| "publisher flush failed".to_string())
+            }
+            Publisher::Http { client, dev } => {
+                buf.clear();
+                buf.extend_from_slice(b"{\"messages\":[");
+                let first = *ns.start();
+                for n in ns {
+                    if n != first {
+                        buf.push(b',');
+                    }
+                    let head = format!("{{\"destination\":\"/topic/load-{topic}\",\"data\":");
+                    buf.extend_from_slice(head.as_bytes());
+                    body(buf, p, n, size);
+                    buf.push(b'}');
+                }
+                buf.extend_from_slice(b"]}");
+                client
+                    .publish(dev, Bytes::copy_from_slice(buf))
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            }
+        }
+    }
+}
+
 /// A SEND frame with a JSON body `{"p":P,"n":N,"ts":T,"x":"…"}` padded to `size` bytes.
 fn send_frame(out: &mut Vec<u8>, topic: usize, p: u64, n: u64, size: usize) {
     out.clear();
@@ -331,6 +402,12 @@ fn send_frame(out: &mut Vec<u8>, topic: usize, p: u64, n: u64, size: usize) {
         format!("SEND\ndestination:/topic/load-{topic}\ncontent-type:application/json\n\n")
             .as_bytes(),
     );
+    body(out, p, n, size);
+    out.push(0);
+}
+
+/// Appends the JSON body `{"p":P,"n":N,"ts":T,"x":"…"}`, padded to `size` bytes.
+fn body(out: &mut Vec<u8>, p: u64, n: u64, size: usize) {
     let head = format!(
         "{{\"p\":{p},\"n\":{n},\"ts\":{},\"x\":\"",
         frames::unix_nanos()
@@ -338,7 +415,7 @@ fn send_frame(out: &mut Vec<u8>, topic: usize, p: u64, n: u64, size: usize) {
     out.extend_from_slice(head.as_bytes());
     let pad = size.saturating_sub(head.len() + 2);
     out.resize(out.len() + pad, b'x');
-    out.extend_from_slice(b"\"}\0");
+    out.extend_from_slice(b"\"}");
 }
 
 /// `(p, n, ts)` from a MESSAGE frame's body.
