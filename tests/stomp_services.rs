@@ -374,3 +374,24 @@ async fn a_developer_reads_its_stream_as_a_topic_with_replay_after() {
     );
     assert_eq!(d.close_code().await, 1002);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_topic_subscriber_is_one_of_the_developers_consumers() {
+    // max_consumers_per_developer is 1: the newest consumer, of either protocol, wins.
+    let srv = TestServer::start().await;
+    let mut opcode = srv.consumer().await;
+    let dev = srv.token("/auth/developer").await;
+    let (mut c, _) = Stomp::connected(&srv, &format!("accept-version:1.2\npasscode:{dev}\n")).await;
+    c.send_synced(
+        "SUBSCRIBE\nid:s\ndestination:/topic/streams/acme\n\n\0",
+        "sub",
+    )
+    .await;
+    assert_eq!(opcode.close_code().await, 4002);
+    let _newer = srv.consumer().await;
+    assert_eq!(
+        header(&c.frame().await, "message").as_deref(),
+        Some("a newer consumer of this stream took this one's place")
+    );
+    assert_eq!(c.close_code().await, 4002);
+}

@@ -781,15 +781,16 @@ impl State {
         out: &mut Out,
     ) -> Result<AppEvent, End> {
         let routed = self.ctx.hub.chat().map(|chat| chat.route(destination));
-        let message = match (routed, &self.user) {
+        let (reason, message) = match (routed, &self.user) {
             (Some(Ok(event)), Some(_)) => return Ok(event),
-            (Some(Ok(_)), None) => format!("forbidden: SEND to {destination} needs a user token"),
-            _ => format!("unknown destination: {destination}"),
-        };
-        let reason = if self.user.is_none() {
-            StompError::Forbidden
-        } else {
-            StompError::Destination
+            (Some(Ok(_)), None) => (
+                StompError::Forbidden,
+                format!("forbidden: SEND to {destination} needs a user token"),
+            ),
+            _ => (
+                StompError::Destination,
+                format!("unknown destination: {destination}"),
+            ),
         };
         self.error(out, reason, &message, receipt.clone());
         Err(CloseCode::Protocol.into())
