@@ -32,6 +32,26 @@ impl Table {
         self
     }
 
+    /// The latency percentiles, or that there were none.
+    pub fn latency(&mut self, latency: Option<&crate::stats::Latency>) -> &mut Self {
+        let Some(l) = latency else {
+            return self.row("latency", "no samples");
+        };
+        self.row(
+            "latency p50/p90/p99",
+            format!(
+                "{} / {} / {}",
+                micros(l.p50_us),
+                micros(l.p90_us),
+                micros(l.p99_us)
+            ),
+        );
+        self.row(
+            "latency p99.9/max",
+            format!("{} / {}", micros(l.p999_us), micros(l.max_us)),
+        )
+    }
+
     /// A blank separator line.
     pub fn gap(&mut self) -> &mut Self {
         self.rows.push((String::new(), String::new()));

@@ -34,13 +34,12 @@ use crate::frontend::stomp::frame::{
 };
 use crate::frontend::CloseCode;
 use crate::hub::chat::AppEvent;
-use crate::hub::{Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage};
+use crate::hub::{Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage, JSON_UTF8};
 use crate::metrics::{self, stomp_out, StompError};
 
 const MAX_TRANSACTIONS: usize = 16;
 /// SENDs and ACKs one transaction may hold until COMMIT.
 const MAX_TRANSACTION_OPS: usize = 1024;
-const JSON_UTF8: &str = "application/json;charset=UTF-8";
 /// Rounds of socket work per wake-up before the task lets others run.
 const BUDGET: usize = 4;
 
@@ -622,7 +621,7 @@ impl State {
                             content_type: headers
                                 .iter()
                                 .find(|(n, _)| n == "content-type")
-                                .map(|(_, v)| v.clone()),
+                                .map(|(_, v)| v.clone().into()),
                             headers: pass_through(headers),
                             text: std::str::from_utf8(&body).is_ok(),
                             body,

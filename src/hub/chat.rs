@@ -15,14 +15,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::topics::{Inbox, TopicMessage, Topics};
+use super::topics::{Inbox, TopicMessage, Topics, JSON_UTF8};
 
 pub const HEARTBEAT: &str = "/v1/topic/heartbeat";
 pub const ONLINE_EMPLOYEES: &str = "/v1/topic/online-employees";
 pub const CONVERSATION: &str = "/v1/topic/conversation/";
 /// SENDs here (with `{id}/typing/start` or `{id}/typing/stop`) raise typing events.
 pub const APP_CONVERSATION: &str = "/v1/app/conversation/";
-const JSON_UTF8: &str = "application/json;charset=UTF-8";
 
 /// A SEND to an application destination that no service handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -148,7 +147,7 @@ impl Chat<'_> {
         TopicMessage {
             destination: Arc::from(destination),
             id: self.topics.next_id(),
-            content_type: Some(JSON_UTF8.to_owned()),
+            content_type: Some(JSON_UTF8.into()),
             headers: Vec::new(),
             body: Bytes::from(body),
             text: true,

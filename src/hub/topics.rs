@@ -11,11 +11,15 @@
 use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::types::{Kick, Outbox};
+
+/// The content type of JSON bodies, as seed 000's MESSAGE frames show it.
+pub const JSON_UTF8: &str = "application/json;charset=UTF-8";
 
 /// One published message, shared by every subscriber.
 #[derive(Debug)]
@@ -23,7 +27,9 @@ pub struct TopicMessage {
     pub destination: Arc<str>,
     /// Unique for the server's life.
     pub id: u64,
-    pub content_type: Option<String>,
+    /// Borrowed when it is [`JSON_UTF8`] (the publish API, the services), so those
+    /// messages allocate no header.
+    pub content_type: Option<Cow<'static, str>>,
     /// Further headers to pass through (a SEND's own headers, say).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,

@@ -23,13 +23,12 @@ use super::http::{credentials, error, json, Body};
 use super::App;
 use crate::frontend::stomp::destination;
 use crate::frontend::stomp::frame::pass_through;
-use crate::hub::TopicMessage;
+use crate::hub::{TopicMessage, JSON_UTF8};
 
 /// Largest request body.
 const MAX_BODY: usize = 1 << 20;
 /// Most messages in one request.
 const MAX_MESSAGES: usize = 1000;
-const JSON_UTF8: &str = "application/json;charset=UTF-8";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,7 +98,7 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         topics.publish(TopicMessage {
             destination: Arc::from(destination),
             id,
-            content_type: Some(JSON_UTF8.to_owned()),
+            content_type: Some(JSON_UTF8.into()),
             headers,
             body: data,
             // `data` is JSON text.

@@ -206,30 +206,7 @@ impl RelayReport {
                 if self.drained { "" } else { " (incomplete)" }
             ),
         );
-        match &self.latency {
-            Some(l) => {
-                t.row(
-                    "latency p50/p90/p99",
-                    format!(
-                        "{} / {} / {}",
-                        report::micros(l.p50_us),
-                        report::micros(l.p90_us),
-                        report::micros(l.p99_us)
-                    ),
-                );
-                t.row(
-                    "latency p99.9/max",
-                    format!(
-                        "{} / {}",
-                        report::micros(l.p999_us),
-                        report::micros(l.max_us)
-                    ),
-                );
-            }
-            None => {
-                t.row("latency", "no samples");
-            }
-        }
+        t.latency(self.latency.as_ref());
         let check = |n: u64| format!("{} {}", report::count(n), report::verdict(n == 0));
         t.row("lost", check(self.lost));
         t.row("duplicated", check(self.duplicated));

@@ -95,25 +95,7 @@ impl Outcome for Report {
                 report::rate(self.delivered_per_sec)
             ),
         );
-        if let Some(l) = &self.latency {
-            t.row(
-                "latency p50/p90/p99",
-                format!(
-                    "{} / {} / {}",
-                    report::micros(l.p50_us),
-                    report::micros(l.p90_us),
-                    report::micros(l.p99_us)
-                ),
-            );
-            t.row(
-                "latency p99.9/max",
-                format!(
-                    "{} / {}",
-                    report::micros(l.p999_us),
-                    report::micros(l.max_us)
-                ),
-            );
-        }
+        t.latency(self.latency.as_ref());
         t.row(
             "lost",
             format!("{} {}", self.lost, report::verdict(self.lost == 0)),
