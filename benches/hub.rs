@@ -54,17 +54,13 @@ fn template() -> SeqTemplate {
 }
 
 fn hub_config() -> HubConfig {
+    // The defaults of `Config`, with room for many consumers and no services.
     HubConfig {
         durability: Durability::Fast,
-        // The defaults of `Config`.
-        publish_queue_max: 8192,
-        commit_batch_max: 4096,
-        consumer_queue_max: 65_536,
         max_consumers_per_developer: 1000,
         retention_max_age_s: 0,
-        retention_max_per_stream: 0,
         chat: false,
-        chat_heartbeat: std::time::Duration::ZERO,
+        ..HubConfig::from(&sensorgate::config::Config::default())
     }
 }
 

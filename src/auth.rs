@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::{DeveloperConfig, PublisherConfig};
+use crate::config::{DeveloperConfig, EndpointTokenConfig, PublisherConfig};
 
 /// File in the data directory holding the generated token secret.
 pub const SECRET_FILE: &str = "token_secret";
@@ -97,6 +97,8 @@ pub struct Auth {
     developers: HashMap<String, [u8; 32]>,
     /// Publisher ids with their key digests.
     publishers: Vec<(String, [u8; 32])>,
+    /// Static `/stream` and `/json` tokens: owner ids with the tokens' digests.
+    endpoint_tokens: Vec<(String, [u8; 32])>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -121,6 +123,7 @@ impl Auth {
         Self {
             developers,
             publishers: Vec::new(),
+            endpoint_tokens: Vec::new(),
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
@@ -151,6 +154,15 @@ impl Auth {
         self
     }
 
+    /// Adds the static tokens accepted on `/stream` and `/json`.
+    pub fn with_endpoint_tokens(mut self, tokens: &[EndpointTokenConfig]) -> Self {
+        self.endpoint_tokens = tokens
+            .iter()
+            .map(|t| (t.id.clone(), digest_of(t)))
+            .collect();
+        self
+    }
+
     /// Checks a developer's API key in constant time (with respect to the key's content).
     pub fn check_key(&self, developer: &str, api_key: &str) -> Result<(), AuthError> {
         let expected = self
@@ -164,17 +176,26 @@ impl Auth {
         }
     }
 
-    /// The publisher whose key this is. Every configured key is compared, so the time taken
-    /// does not say which one came close.
+    /// The publisher whose key this is.
     pub fn check_publisher(&self, api_key: &str) -> Result<&str, AuthError> {
-        let given = sha256(api_key.as_bytes());
-        let mut found = None;
-        for (id, digest) in &self.publishers {
-            if same_digest(digest, &given) {
-                found = Some(id.as_str());
-            }
+        find_key(&self.publishers, api_key)
+    }
+
+    /// Who a `/stream` or `/json` token belongs to: "developer/user" ("developer/" for a
+    /// developer token) or "token:<id>" for a configured static token. A sensorgate token is
+    /// checked (signature, expiry, developer) but not spent: BIMserver's clients send their
+    /// one login token on the socket and with every call, so here it serves until it
+    /// expires. It stays single-use on `/connect` and STOMP.
+    pub fn endpoint_owner(&self, token: &str) -> Result<Arc<str>, AuthError> {
+        if let Ok(id) = find_key(&self.endpoint_tokens, token) {
+            return Ok(Arc::from(format!("token:{id}")));
         }
-        found.ok_or(AuthError::BadCredentials)
+        let claims = self.verify(token, None)?;
+        let user = match claims.role {
+            Role::User => claims.sub.as_str(),
+            Role::Developer => "",
+        };
+        Ok(Arc::from(format!("{}/{user}", claims.dev)))
     }
 
     /// Mints a single-use token. `user` is required for [`Role::User`].
@@ -237,17 +258,24 @@ impl Auth {
         self.redeem_as(token, None)
     }
 
-    fn redeem_as(&self, token: &str, want: Option<Role>) -> Result<Principal, AuthError> {
+    /// A token's claims if it is signed by us, unexpired, of the wanted role, and for a
+    /// developer still configured.
+    fn verify(&self, token: &str, want: Option<Role>) -> Result<Claims, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| AuthError::InvalidToken(e.into_kind()))?;
         let claims = data.claims;
         if want.is_some_and(|r| r != claims.role) {
             return Err(AuthError::WrongRole(claims.role.as_str()));
         }
-        let role = claims.role;
         if !self.developers.contains_key(&claims.dev) {
             return Err(AuthError::UnknownDeveloper);
         }
+        Ok(claims)
+    }
+
+    fn redeem_as(&self, token: &str, want: Option<Role>) -> Result<Principal, AuthError> {
+        let claims = self.verify(token, want)?;
+        let role = claims.role;
         let now = unix_now();
         self.prune(now);
         match self.redeemed.entry(claims.jti) {
@@ -462,6 +490,19 @@ fn digest_of(k: &DeveloperConfig) -> [u8; 32] {
     }
 }
 
+/// The id whose key this is. Every entry is compared, so the time taken does not say
+/// which one came close.
+fn find_key<'a>(keys: &'a [(String, [u8; 32])], key: &str) -> Result<&'a str, AuthError> {
+    let given = sha256(key.as_bytes());
+    let mut found = None;
+    for (id, digest) in keys {
+        if same_digest(digest, &given) {
+            found = Some(id.as_str());
+        }
+    }
+    found.ok_or(AuthError::BadCredentials)
+}
+
 /// Compares in time independent of where the digests differ.
 fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -551,6 +592,30 @@ mod tests {
         assert_eq!(a.check_publisher("gk"), Ok("gym"));
         // A developer's key is not a publisher key.
         assert_eq!(a.check_publisher("k1"), Err(AuthError::BadCredentials));
+    }
+
+    #[test]
+    fn endpoint_tokens_are_reusable_and_name_their_owner() {
+        let a = auth(60).with_endpoint_tokens(&[EndpointTokenConfig {
+            id: "bimviews".into(),
+            api_key: Some("static-token".into()),
+            api_key_sha256: None,
+        }]);
+        assert_eq!(
+            &*a.endpoint_owner("static-token").unwrap(),
+            "token:bimviews"
+        );
+        let user = a.mint("acme", Role::User, Some("u-1")).unwrap();
+        // BIMserver clients send one token many times: checking does not spend it.
+        for _ in 0..2 {
+            assert_eq!(&*a.endpoint_owner(&user).unwrap(), "acme/u-1");
+        }
+        // ... and it is still good, once, where tokens are single-use.
+        a.redeem(&user, Role::User).unwrap();
+        let dev = a.mint("acme", Role::Developer, None).unwrap();
+        assert_eq!(&*a.endpoint_owner(&dev).unwrap(), "acme/");
+        assert!(a.endpoint_owner("nope").is_err());
+        assert!(a.endpoint_owner("").is_err());
     }
 
     #[test]

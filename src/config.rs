@@ -74,6 +74,10 @@ pub enum StompPrincipal {
 /// `Authorization: Bearer <key>`.
 pub type PublisherConfig = DeveloperConfig;
 
+/// A static token for `/stream` and `/json` (BIMserver-style deployments whose clients
+/// hold a fixed token): `api_key` (or its SHA-256) is the token, `id` names its owner.
+pub type EndpointTokenConfig = DeveloperConfig;
+
 /// Which principals may SUBSCRIBE to and SEND to destinations under `prefix`; the longest
 /// matching prefix decides, and a destination no rule covers is refused.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -186,6 +190,24 @@ pub struct Config {
     pub stomp_services: bool,
     /// STOMP: seconds between ticks on `/v1/topic/heartbeat` (0: none).
     pub stomp_heartbeat_topic_s: u64,
+    /// Endpoints (seed 003): a context path under which `/stream` and `/json` are served
+    /// too, e.g. "/bimserver" ("" for none).
+    pub endpoint_context_path: String,
+    /// Endpoints: least milliseconds between two pushes of one progress topic that only
+    /// move its percentage (0: no throttle).
+    pub endpoint_progress_interval_ms: u64,
+    /// Endpoints: progress topics held at once; an update creating one more is refused.
+    pub endpoint_max_topics: usize,
+    /// Endpoints: a progress topic nobody is registered on is dropped this many seconds
+    /// after its last update.
+    pub endpoint_topic_ttl_s: u64,
+    /// Endpoints: registrations one endpoint may hold.
+    pub endpoint_max_registrations: usize,
+    /// Endpoints: a `/stream` socket silent this long (no message, no pong) is closed with
+    /// 4005; the server pings it after a third of this.
+    pub endpoint_idle_timeout_ms: u64,
+    /// Endpoints: static tokens accepted on `/stream` and `/json` beside sensorgate tokens.
+    pub endpoint_tokens: Vec<EndpointTokenConfig>,
     /// Backends that may `POST /api/publish` with a key of their own.
     pub publishers: Vec<PublisherConfig>,
     pub developers: Vec<DeveloperConfig>,
@@ -234,6 +256,13 @@ impl Default for Config {
             stomp_max_unacked: 1024,
             stomp_services: true,
             stomp_heartbeat_topic_s: 10,
+            endpoint_context_path: String::new(),
+            endpoint_progress_interval_ms: 200,
+            endpoint_max_topics: 100_000,
+            endpoint_topic_ttl_s: 3600,
+            endpoint_max_registrations: 1024,
+            endpoint_idle_timeout_ms: 120_000,
+            endpoint_tokens: Vec::new(),
             publishers: Vec::new(),
             developers: Vec::new(),
         }
@@ -283,6 +312,12 @@ const ENV_KEYS: &[&str] = &[
     "stomp_max_unacked",
     "stomp_services",
     "stomp_heartbeat_topic_s",
+    "endpoint_context_path",
+    "endpoint_progress_interval_ms",
+    "endpoint_max_topics",
+    "endpoint_topic_ttl_s",
+    "endpoint_max_registrations",
+    "endpoint_idle_timeout_ms",
 ];
 
 impl Config {
@@ -356,7 +391,14 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 17] = [
+        let positive: [(&'static str, u64); 21] = [
+            ("endpoint_max_topics", self.endpoint_max_topics as u64),
+            ("endpoint_topic_ttl_s", self.endpoint_topic_ttl_s),
+            (
+                "endpoint_max_registrations",
+                self.endpoint_max_registrations as u64,
+            ),
+            ("endpoint_idle_timeout_ms", self.endpoint_idle_timeout_ms),
             (
                 "stomp_max_pending_bytes",
                 self.stomp_max_pending_bytes as u64,
@@ -414,6 +456,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(reserved) = self
+            .stomp_broker_prefixes
+            .iter()
+            .chain(&self.stomp_app_prefixes)
+            .find(|p| p.starts_with("/bimserver/") || "/bimserver/".starts_with(p.as_str()))
+        {
+            return Err(invalid(
+                "stomp_broker_prefixes",
+                format!("{reserved:?} overlaps /bimserver/, reserved for endpoint notifications"),
+            ));
+        }
         if let Some(both) = self.stomp_app_prefixes.iter().find(|a| {
             self.stomp_broker_prefixes
                 .iter()
@@ -424,25 +477,41 @@ impl Config {
                 format!("{both:?} overlaps a broker prefix"),
             ));
         }
+        let builtin = [
+            "/connect",
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/stomp",
+            "/stomp/info",
+            "/stomp/websocket",
+            "/api/publish",
+            "/auth/user",
+            "/auth/developer",
+            "/stream",
+            "/json",
+        ];
         for path in &self.stomp_paths {
-            let builtin = [
-                "/connect",
-                "/metrics",
-                "/healthz",
-                "/readyz",
-                "/stomp",
-                "/stomp/info",
-                "/stomp/websocket",
-                "/api/publish",
-                "/auth/user",
-                "/auth/developer",
-            ];
-            if !path.starts_with('/') || builtin.contains(&path.as_str()) {
+            if !path.starts_with('/')
+                || builtin.contains(&path.as_str())
+                || self.endpoint_paths().any(|p| p == *path)
+            {
                 return Err(invalid(
                     "stomp_paths",
                     format!("{path:?}: must start with '/' and not be a built-in route"),
                 ));
             }
+        }
+        let context = &self.endpoint_context_path;
+        if !context.is_empty()
+            && (!context.starts_with('/')
+                || context.ends_with('/')
+                || context.contains(['?', '#', ' ']))
+        {
+            return Err(invalid(
+                "endpoint_context_path",
+                format!("{context:?}: must be empty or like \"/bimserver\" (a leading '/', no trailing one)"),
+            ));
         }
         if self.max_frame_bytes < 256 {
             return Err(invalid("max_frame_bytes", "must be at least 256"));
@@ -458,6 +527,7 @@ impl Config {
         let keyed = [
             ("developers", &self.developers),
             ("publishers", &self.publishers),
+            ("endpoint_tokens", &self.endpoint_tokens),
         ];
         for (key, list) in keyed {
             let mut seen = std::collections::HashSet::new();
@@ -502,12 +572,26 @@ impl Config {
         if shown.token_secret.is_some() {
             shown.token_secret = Some("<set>".into());
         }
-        for key in shown.developers.iter_mut().chain(&mut shown.publishers) {
+        for key in shown
+            .developers
+            .iter_mut()
+            .chain(&mut shown.publishers)
+            .chain(&mut shown.endpoint_tokens)
+        {
             if key.api_key.is_some() {
                 key.api_key = Some("<set>".into());
             }
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// The context path's own `/stream` and `/json`, when one is set.
+    pub fn endpoint_paths(&self) -> impl Iterator<Item = String> + '_ {
+        let context = &self.endpoint_context_path;
+        ["/stream", "/json"]
+            .into_iter()
+            .filter(move |_| !context.is_empty())
+            .map(move |p| format!("{context}{p}"))
     }
 
     /// How long a connection may stay silent before close 4005.
@@ -643,6 +727,17 @@ mod tests {
                 "[[publishers]]\nid = \"p\"\napi_key = \"k\"\n[[publishers]]\nid = \"p\"\napi_key = \"j\"",
                 "publishers",
             ),
+            ("endpoint_context_path = \"bimserver\"", "endpoint_context_path"),
+            ("endpoint_context_path = \"/bimserver/\"", "endpoint_context_path"),
+            ("endpoint_context_path = \"/a b\"", "endpoint_context_path"),
+            ("stomp_paths = [\"/stream\"]", "stomp_paths"),
+            (
+                "endpoint_context_path = \"/b\"\nstomp_paths = [\"/b/json\"]",
+                "stomp_paths",
+            ),
+            ("endpoint_max_topics = 0", "endpoint_max_topics"),
+            ("stomp_broker_prefixes = [\"/bimserver/x/\"]", "stomp_broker_prefixes"),
+            ("[[endpoint_tokens]]\nid = \"t\"\n", "endpoint_tokens"),
         ] {
             let err = load(text, &[], Overrides::default()).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");

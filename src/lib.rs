@@ -12,12 +12,12 @@
 //! - [`config`]: schema, defaults, file + env + flags.
 //! - [`server`]: the listener, connection cap, HTTP routes, WebSocket upgrades, the
 //!   publish API.
-//! - [`conn`]: one client's life in one task: the shared socket, then the opcode or STOMP
-//!   session on it; deadlines, close codes.
-//! - [`frontend`]: the opcode protocol (seed 001) and STOMP (seeds 000 and 002): frames and
-//!   session rules.
-//! - [`hub`]: streams, seq assignment by one owner per stream, live topics, fan-out, slow
-//!   consumers, duplicate connections, retention.
+//! - [`conn`]: one client's life in one task: the shared socket, then the opcode, STOMP or
+//!   endpoint session on it; deadlines, close codes.
+//! - [`frontend`]: the opcode protocol (seed 001), STOMP (seeds 000 and 002) and BIMserver's
+//!   notification endpoint with its JSON API (seed 003): frames and session rules.
+//! - [`hub`]: streams, seq assignment by one owner per stream, live topics, the endpoint
+//!   registry and progress topics, fan-out, slow consumers, duplicate connections, retention.
 //! - [`log`]: the store traits and the sled implementation with group commit.
 //! - [`auth`]: developers, API keys, single-use tokens.
 //!
@@ -98,6 +98,7 @@ impl Server {
         let auth = Arc::new(
             auth::Auth::new(&developers, &secret, config.token_ttl_s)
                 .with_publishers(&config.publishers)
+                .with_endpoint_tokens(&config.endpoint_tokens)
                 .with_journal(&config.data_dir.join(auth::REDEEMED_DIR))
                 .map_err(dir_err)?,
         );
@@ -133,6 +134,7 @@ impl Server {
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_connections: config.max_connections,
             stomp_paths: config.stomp_paths.clone(),
+            endpoint_context_path: config.endpoint_context_path.clone(),
         });
         tracing::info!(%addr, durability = ?config.durability, data_dir = %config.data_dir.display(), "listening");
         let grace = Duration::from_millis(config.shutdown_grace_ms);
@@ -200,9 +202,14 @@ async fn run(
     }
 }
 
-/// Histogram upkeep, retention and the `/v1/topic/heartbeat` ticks, until shutdown.
+/// Histogram upkeep, retention, the `/v1/topic/heartbeat` ticks, and held progress pushes
+/// and idle progress topics, until shutdown.
 async fn background(hub: hub::Hub, shutdown: Shutdown) {
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
+    // Held progress goes out at most a quarter window late.
+    let window = hub.endpoints().limits().progress_interval_ms;
+    let mut progress = tokio::time::interval(Duration::from_millis((window / 4).max(10)));
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retention = tokio::time::interval(Duration::from_secs(10));
     let beat_every = hub.chat().map_or(Duration::ZERO, |c| c.heartbeat_every());
     // A period of zero turns the ticks off; the interval then never fires.
@@ -216,12 +223,20 @@ async fn background(hub: hub::Hub, shutdown: Shutdown) {
     loop {
         tokio::select! {
             _ = upkeep.tick() => metrics::upkeep(),
+            _ = progress.tick(), if window > 0 => {
+                let push = frontend::endpoint::frame::progress_push;
+                hub.endpoints().flush_due(hub::now_ms(), hub.topics(), push);
+            }
             _ = beat.tick(), if !beat_every.is_zero() => {
                 if let Some(chat) = hub.chat() {
                     chat.heartbeat(hub::now_ms());
                 }
             }
             _ = retention.tick() => {
+                let expired = hub.endpoints().expire(hub::now_ms(), hub.topics());
+                if expired > 0 {
+                    tracing::debug!(expired, "idle progress topics dropped");
+                }
                 let hub = hub.clone();
                 match tokio::task::spawn_blocking(move || hub.retain(hub::now_ms())).await {
                     Ok(Ok(0)) => {}

@@ -34,6 +34,31 @@ pub const STOMP_FRAMES_IN: &str = "sensorgate_stomp_frames_in_total";
 pub const STOMP_FRAMES_OUT: &str = "sensorgate_stomp_frames_out_total";
 pub const STOMP_ERRORS: &str = "sensorgate_stomp_errors_total";
 pub const TOPIC_MESSAGES: &str = "sensorgate_topic_messages_total";
+pub const ENDPOINTS: &str = "sensorgate_endpoints";
+pub const ENDPOINT_HANDSHAKES: &str = "sensorgate_endpoint_handshakes_total";
+pub const ENDPOINT_PUSHES: &str = "sensorgate_endpoint_pushes_total";
+pub const ENDPOINT_CALLS: &str = "sensorgate_endpoint_calls_total";
+pub const PROGRESS_TOPICS: &str = "sensorgate_progress_topics";
+pub const PROGRESS_UPDATES: &str = "sensorgate_progress_updates_total";
+
+/// Notification methods pushed to endpoints, the `method` label of [`ENDPOINT_PUSHES`].
+pub const PUSH_METHODS: [&str; 3] = ["progress", "newRevision", "newProject"];
+/// What the throttle did with a progress update, the `outcome` label of
+/// [`PROGRESS_UPDATES`].
+pub const PROGRESS_OUTCOMES: [&str; 3] = ["pushed", "held", "unchanged"];
+
+/// The JSON API's methods (the `method` label of [`ENDPOINT_CALLS`]); anything else is
+/// counted as "other".
+pub const ENDPOINT_METHODS: [&str; 8] = [
+    "registerProgressHandler",
+    "unregisterProgressHandler",
+    "getProgress",
+    "registerNewRevisionHandler",
+    "unregisterNewRevisionHandler",
+    "registerNewProjectHandler",
+    "unregisterNewProjectHandler",
+    "other",
+];
 
 /// STOMP client commands, the `command` label of [`STOMP_FRAMES_IN`].
 pub const STOMP_IN: [&str; 11] = [
@@ -164,6 +189,16 @@ pub struct Handles {
     /// Messages published to topics, by where they came from: STOMP SEND, the HTTP
     /// publish API, the built-in chat services.
     pub topic_messages: [Counter; 3],
+    pub endpoints: Gauge,
+    /// Tokens sent on `/stream`: accepted, refused.
+    pub endpoint_handshakes: [Counter; 2],
+    /// Pushes written to endpoint sockets, by method ([`PUSH_METHODS`]).
+    pub endpoint_pushes: [Counter; 3],
+    /// JSON API calls by method ([`ENDPOINT_METHODS`]) and outcome: result, exception.
+    pub endpoint_calls: [[Counter; 2]; ENDPOINT_METHODS.len()],
+    pub progress_topics: Gauge,
+    /// Progress updates by what the throttle did ([`PROGRESS_OUTCOMES`]).
+    pub progress_updates: [Counter; 3],
 }
 
 /// Which connection gauge: not yet identified, user (producer), developer (consumer).
@@ -228,6 +263,18 @@ pub fn handles() -> &'static Handles {
                 .map(|r| metrics::counter!(STOMP_ERRORS, "reason" => r)),
             topic_messages: ["stomp", "http", "service"]
                 .map(|s| metrics::counter!(TOPIC_MESSAGES, "source" => s)),
+            endpoints: metrics::gauge!(ENDPOINTS),
+            endpoint_handshakes: ["accepted", "invalid_token"]
+                .map(|o| metrics::counter!(ENDPOINT_HANDSHAKES, "outcome" => o)),
+            endpoint_pushes: PUSH_METHODS
+                .map(|m| metrics::counter!(ENDPOINT_PUSHES, "method" => m)),
+            endpoint_calls: ENDPOINT_METHODS.map(|m| {
+                ["result", "exception"]
+                    .map(|o| metrics::counter!(ENDPOINT_CALLS, "method" => m, "outcome" => o))
+            }),
+            progress_topics: metrics::gauge!(PROGRESS_TOPICS),
+            progress_updates: PROGRESS_OUTCOMES
+                .map(|o| metrics::counter!(PROGRESS_UPDATES, "outcome" => o)),
         }
     })
 }
@@ -272,6 +319,27 @@ fn describe() {
         "STOMP ERROR frames sent (each then closes), by reason"
     );
     describe_counter!(TOPIC_MESSAGES, "Messages published to topics, by source");
+    describe_gauge!(
+        ENDPOINTS,
+        "Notification endpoints registered on /stream sockets"
+    );
+    describe_counter!(
+        ENDPOINT_HANDSHAKES,
+        "Tokens sent on /stream, by outcome (an invalid one leaves the socket open)"
+    );
+    describe_counter!(
+        ENDPOINT_PUSHES,
+        "Notifications pushed to endpoints, by method"
+    );
+    describe_counter!(
+        ENDPOINT_CALLS,
+        "JSON API calls (POST /json and over /stream), by method and outcome"
+    );
+    describe_gauge!(PROGRESS_TOPICS, "Progress topics held");
+    describe_counter!(
+        PROGRESS_UPDATES,
+        "Progress updates from backends, by what the throttle did with them"
+    );
 }
 
 impl Handles {

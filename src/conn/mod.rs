@@ -1,12 +1,14 @@
 //! One client's life on a WebSocket: one task per connection that owns the socket
 //! ([`socket`], shared by every protocol), the protocol session, the deliveries owed
-//! ([`delivery`]), the deadlines, and the close code at the end.
+//! ([`delivery`]), the deadlines, and the close code at the end. Three protocols live here:
+//! the opcode relay, STOMP, and seed 003's notification endpoint.
 //!
 //! Owns nothing shared: it borrows the hub, auth and limits through [`ConnCtx`], which also
 //! keeps every live connection's [`Kick`] so shutdown can reach them. Must not parse
 //! protocol frames itself (the front-ends do) or touch the store (the hub does).
 
 mod delivery;
+mod endpoint;
 mod opcode;
 mod socket;
 mod stomp;
@@ -21,6 +23,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::Auth;
 use crate::config::{Config, StompRule};
+use crate::frontend::CloseCode;
 use crate::hub::{Hub, Kick, KickReason};
 use crate::shutdown::Shutdown;
 
@@ -49,6 +52,7 @@ pub struct Limits {
     pub stomp_max_unacked: usize,
     pub replay_chunk: usize,
     pub submit_rate_per_s: u32,
+    pub endpoint_idle_timeout: Duration,
 }
 
 impl From<&Config> for Limits {
@@ -70,6 +74,7 @@ impl From<&Config> for Limits {
             stomp_max_unacked: c.stomp_max_unacked,
             replay_chunk: c.replay_chunk,
             submit_rate_per_s: c.submit_rate_per_s,
+            endpoint_idle_timeout: Duration::from_millis(c.endpoint_idle_timeout_ms),
         }
     }
 }
@@ -127,11 +132,28 @@ impl ConnCtx {
     }
 }
 
+/// The close code for a connection the hub kicked.
+fn kicked(reason: KickReason) -> socket::End {
+    match reason {
+        KickReason::Duplicate => CloseCode::Duplicate.into(),
+        KickReason::TooSlow => CloseCode::TooSlow.into(),
+        KickReason::StoreFailed => CloseCode::Internal.into(),
+        KickReason::Shutdown => CloseCode::GoingAway.into(),
+    }
+}
+
 /// Serves the opcode protocol on an upgraded socket. `leftover` holds bytes the client sent
 /// right behind its upgrade request.
 pub async fn serve_opcode(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
     opcode::run(ctx, stream, leftover).await
 }
+
+/// Serves seed 003's notification endpoint (`/stream`) on an upgraded socket.
+pub async fn serve_endpoint(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
+    endpoint::run(ctx, stream, leftover).await
+}
+
+pub use endpoint::execute as execute_json;
 
 /// Serves STOMP on an upgraded socket. `bearer` is a token from the upgrade request's
 /// `Authorization: Bearer` header, for clients that authenticate there (seed 002).

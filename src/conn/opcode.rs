@@ -18,12 +18,12 @@ use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
 use super::delivery::{Delivery, Dispatch};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
-use super::ConnCtx;
 use super::CLOSE_TIMEOUT;
+use super::{kicked, ConnCtx};
 use crate::auth::{Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
-use crate::hub::{HubError, Kick, KickReason, Publish, StreamHandle, TryPublishError};
+use crate::hub::{HubError, Kick, Publish, StreamHandle, TryPublishError};
 use crate::metrics::{self, op_in, op_out, ConnRole};
 
 /// Rounds of socket work per wake-up before the task lets others run: a flooding producer
@@ -367,13 +367,4 @@ impl State {
 fn reply(out: &mut Out, frame: Outbound, op: usize) {
     out.reply(OpCode::Text, &frame.encode());
     metrics::handles().frames_out[op].increment(1);
-}
-
-fn kicked(reason: KickReason) -> End {
-    match reason {
-        KickReason::Duplicate => CloseCode::Duplicate.into(),
-        KickReason::TooSlow => CloseCode::TooSlow.into(),
-        KickReason::StoreFailed => CloseCode::Internal.into(),
-        KickReason::Shutdown => CloseCode::GoingAway.into(),
-    }
 }

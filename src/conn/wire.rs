@@ -171,6 +171,27 @@ pub fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends one frame whose payload is `parts` joined, without joining them first.
+pub fn push_frame_parts(out: &mut Vec<u8>, opcode: OpCode, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.reserve(10 + len);
+    out.push(0x80 | opcode as u8);
+    match len {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}
+
 /// Appends a close frame with `code` and `reason`.
 pub fn push_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let mut payload = [0u8; 125];
@@ -183,6 +204,19 @@ pub fn push_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_in_parts_is_the_frame_of_the_joined_payload() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let (a, b) = payload.split_at(len / 3);
+            let mut whole = Vec::new();
+            push_frame(&mut whole, OpCode::Text, &payload);
+            let mut parts = Vec::new();
+            push_frame_parts(&mut parts, OpCode::Text, &[a, &[], b]);
+            assert_eq!(whole, parts, "{len}");
+        }
+    }
 
     /// Client frames as a browser sends them: masked.
     fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

@@ -3,6 +3,7 @@
 //! connection acts on it.
 
 pub mod close;
+pub mod endpoint;
 pub mod opcode;
 pub mod stomp;
 

@@ -2,9 +2,10 @@
 //! policy and the duplicate-connection rule.
 //!
 //! Owns the map from stream id to its owner task ([`stream`]), the live topics with no log
-//! behind them ([`topics`]) and seed 002's services on them ([`chat`]), the session
-//! registry ([`sessions`]) and retention. Talks to the log through its traits only and never imports
-//! `conn` or a front-end: what goes in and out are the value types in [`types`].
+//! behind them ([`topics`]), seed 002's services on them ([`chat`]), seed 003's endpoint
+//! registry and progress topics ([`endpoints`]), the session registry ([`sessions`]) and
+//! retention. Talks to the log through its traits only and never imports `conn` or a
+//! front-end: what goes in and out are the value types in [`types`].
 //!
 //! Full-queue policies: a producer waits for room in its stream's queue
 //! (`publish_queue_max`), which pushes back through TCP; a consumer whose outbox would pass
@@ -12,6 +13,7 @@
 //! [`KickReason::TooSlow`] (close 4009) and the rest carry on.
 
 pub mod chat;
+pub mod endpoints;
 mod sessions;
 mod stream;
 mod topics;
@@ -58,6 +60,7 @@ pub struct HubConfig {
     /// Seed 002's services on `/v1` ([`chat`]).
     pub chat: bool,
     pub chat_heartbeat: Duration,
+    pub endpoints: endpoints::EndpointLimits,
 }
 
 impl From<&Config> for HubConfig {
@@ -72,6 +75,12 @@ impl From<&Config> for HubConfig {
             retention_max_per_stream: c.retention_max_per_stream,
             chat: c.stomp_services,
             chat_heartbeat: Duration::from_secs(c.stomp_heartbeat_topic_s),
+            endpoints: endpoints::EndpointLimits {
+                progress_interval_ms: c.endpoint_progress_interval_ms,
+                max_topics: c.endpoint_max_topics,
+                topic_ttl_ms: c.endpoint_topic_ttl_s.saturating_mul(1000),
+                max_registrations: c.endpoint_max_registrations,
+            },
         }
     }
 }
@@ -88,6 +97,7 @@ struct Inner {
     sessions: Sessions,
     topics: Topics,
     chat: chat::ChatState,
+    endpoints: endpoints::Endpoints,
     config: HubConfig,
     owners: TaskTracker,
 }
@@ -101,6 +111,7 @@ impl Hub {
                 sessions: Sessions::new(config.max_consumers_per_developer),
                 topics: Topics::new(),
                 chat: chat::ChatState::new(config.chat_heartbeat),
+                endpoints: endpoints::Endpoints::new(config.endpoints.clone()),
                 config,
                 owners: TaskTracker::new(),
             }),
@@ -126,6 +137,11 @@ impl Hub {
             state: &self.inner.chat,
             topics: &self.inner.topics,
         })
+    }
+
+    /// Seed 003's endpoint registry and progress topics.
+    pub fn endpoints(&self) -> &endpoints::Endpoints {
+        &self.inner.endpoints
     }
 
     /// A new outbox bound for one consumer.

@@ -108,6 +108,18 @@ impl Topics {
         });
     }
 
+    /// Changes the key of a connection's subscription in place, so no message falls between
+    /// an unsubscribe and a subscribe.
+    pub fn rekey(&self, destination: &str, conn: u64, from: u64, to: u64) {
+        if let Some(topic) = self.topics.get(destination) {
+            for s in topic.subs.lock().iter_mut() {
+                if s.inbox.conn == conn && s.key == from {
+                    s.key = to;
+                }
+            }
+        }
+    }
+
     /// Removes one subscription of a connection.
     pub fn unsubscribe(&self, destination: &str, conn: u64, key: u64) {
         self.remove(destination, |s| s.inbox.conn == conn && s.key == key);

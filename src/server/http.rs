@@ -1,4 +1,5 @@
-//! HTTP routes: the WebSocket upgrade at `/connect`, token minting, metrics and health.
+//! HTTP routes: the WebSocket upgrades (`/connect`, STOMP's paths, `/stream`), token
+//! minting, the publish and JSON APIs, metrics and health.
 //!
 //! Every answer is small and built here; anything not listed is 404, a listed path with the
 //! wrong method 405.
@@ -29,6 +30,9 @@ pub(super) async fn route(
         (&Method::GET, "/connect") => ("connect", connect(req, app, permit, Protocol::Opcode)),
         (&Method::GET, "/stomp/websocket") => ("stomp", connect(req, app, permit, Protocol::Stomp)),
         (&Method::POST, "/api/publish") => ("publish", super::publish::publish(req, app).await),
+        (&Method::GET, "/stream") => ("stream", connect(req, app, permit, Protocol::Endpoint)),
+        (&Method::POST, "/json") => ("json", super::json::call(req, app).await),
+        (&Method::OPTIONS, "/json") => ("json", super::json::preflight()),
         (&Method::GET, "/stomp") => ("sockjs", sockjs_welcome()),
         (&Method::GET, "/stomp/info") => ("sockjs", sockjs_info()),
         (&Method::POST, "/auth/developer") => ("auth_developer", mint(&req, &app, Role::Developer)),
@@ -39,13 +43,26 @@ pub(super) async fn route(
         (
             _,
             "/connect" | "/auth/developer" | "/auth/user" | "/metrics" | "/healthz" | "/readyz"
-            | "/stomp/websocket" | "/stomp" | "/stomp/info" | "/api/publish",
+            | "/stomp/websocket" | "/stomp" | "/stomp/info" | "/api/publish" | "/stream" | "/json",
         ) => (
             "other",
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         ),
         (&Method::GET, path) if app.stomp_paths.iter().any(|p| p == path) => {
             ("stomp", connect(req, app, permit, Protocol::Stomp))
+        }
+        (method, path) if app.endpoint_alias(path).is_some() => {
+            match (method, app.endpoint_alias(path)) {
+                (&Method::GET, Some("/stream")) => {
+                    ("stream", connect(req, app, permit, Protocol::Endpoint))
+                }
+                (&Method::POST, Some("/json")) => ("json", super::json::call(req, app).await),
+                (&Method::OPTIONS, Some("/json")) => ("json", super::json::preflight()),
+                _ => (
+                    "other",
+                    text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+                ),
+            }
         }
         _ => ("other", text(StatusCode::NOT_FOUND, "not found\n")),
     };
@@ -70,8 +87,8 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-pub(super) fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+pub(super) fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -219,6 +236,7 @@ fn percent_decode(s: &str) -> Option<String> {
 enum Protocol {
     Opcode,
     Stomp,
+    Endpoint,
 }
 
 /// STOMP subprotocols, most preferred first. Browsers drop a connection whose offered
@@ -259,7 +277,7 @@ fn sockjs_info() -> Response<Body> {
     r
 }
 
-/// `GET /connect` and `GET /stomp/websocket`: answers 101 and hands the socket to the
+/// `GET /connect`, `/stomp/websocket` and `/stream`: answers 101 and hands the socket to the
 /// protocol once hyper lets go of it. The connection's permit moves with it.
 fn connect(
     mut req: Request<Incoming>,
@@ -280,7 +298,7 @@ fn connect(
     }
     let subprotocol = match protocol {
         Protocol::Stomp => stomp_subprotocol(&req),
-        Protocol::Opcode => None,
+        Protocol::Opcode | Protocol::Endpoint => None,
     };
     let bearer = req
         .headers()
@@ -316,6 +334,7 @@ fn connect(
                     Protocol::Stomp => {
                         crate::conn::serve_stomp(ctx, stream, leftover, bearer).await
                     }
+                    Protocol::Endpoint => crate::conn::serve_endpoint(ctx, stream, leftover).await,
                 }
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),

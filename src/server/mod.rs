@@ -5,6 +5,7 @@
 //! routes live in [`http`], connection lives in `conn`.
 
 mod http;
+mod json;
 mod publish;
 
 use hyper::server::conn::http1;
@@ -23,6 +24,23 @@ pub struct App {
     pub max_connections: usize,
     /// Further paths serving STOMP, beside `/stomp/websocket`.
     pub stomp_paths: Vec<String>,
+    /// A context path under which `/stream` and `/json` are served too ("" for none).
+    pub endpoint_context_path: String,
+}
+
+impl App {
+    /// `/stream` or `/json` when `path` is one of them under the context path.
+    fn endpoint_alias(&self, path: &str) -> Option<&'static str> {
+        let context = &self.endpoint_context_path;
+        if context.is_empty() {
+            return None;
+        }
+        match path.strip_prefix(context.as_str())? {
+            "/stream" => Some("/stream"),
+            "/json" => Some("/json"),
+            _ => None,
+        }
+    }
 }
 
 /// Accepts until shutdown begins. A permit is taken before each accept, so at the cap new

@@ -1,5 +1,7 @@
 //! `POST /api/publish`: how a backend raises events on STOMP topics (seed 000's workout and
-//! waiting-list messages, seed 002's chat events).
+//! waiting-list messages, seed 002's chat events) and for notification endpoints (seed
+//! 003's progress, newRevision and newProject, under the reserved `/bimserver/`
+//! destinations of [`backend`]): one mechanism for every front-end.
 //!
 //! Body: `{"destination": "...", "data": <json>, "headers": {...}}`, or `{"messages": [...]}`
 //! of those. Authenticated like the token endpoints (developer API key), or by a configured
@@ -21,8 +23,11 @@ use std::sync::Arc;
 
 use super::http::{credentials, error, json, Body};
 use super::App;
+use crate::frontend::endpoint::backend::{self, Event};
+use crate::frontend::endpoint::frame::{progress_push, Outbound, Push};
 use crate::frontend::stomp::destination;
 use crate::frontend::stomp::frame::pass_through;
+use crate::hub::endpoints::{EndpointError, Family, Notification};
 use crate::hub::{TopicMessage, JSON_UTF8};
 
 /// Largest request body.
@@ -91,19 +96,31 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         Ok(m) => m,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
-    let topics = app.ctx.hub.topics();
+    let hub = &app.ctx.hub;
+    let topics = hub.topics();
     let mut ids = Vec::with_capacity(messages.len());
-    for (destination, data, headers) in messages {
+    for item in messages {
         let id = topics.next_id();
-        topics.publish(TopicMessage {
-            destination: Arc::from(destination),
-            id,
-            content_type: Some(JSON_UTF8.into()),
-            headers,
-            body: data,
-            // `data` is JSON text.
-            text: true,
-        });
+        match item {
+            Item::Topic(destination, data, headers) => {
+                topics.publish(TopicMessage {
+                    destination: Arc::from(destination),
+                    id,
+                    content_type: Some(JSON_UTF8.into()),
+                    headers,
+                    body: data,
+                    // `data` is JSON text.
+                    text: true,
+                });
+            }
+            Item::Endpoint(event) => {
+                if let Err(e) = notify(hub, event) {
+                    // Messages before this one went out; say which.
+                    let body = serde_json::json!({ "error": e.to_string(), "message_ids": ids });
+                    return json(StatusCode::TOO_MANY_REQUESTS, body.to_string());
+                }
+            }
+        }
         ids.push(id.to_string());
     }
     crate::metrics::handles().topic_messages[1].increment(ids.len() as u64);
@@ -113,7 +130,40 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
     )
 }
 
-type Parsed = Vec<(String, Bytes, Vec<(String, String)>)>;
+/// Raises one endpoint notification.
+fn notify(hub: &crate::hub::Hub, event: Event) -> Result<(), EndpointError> {
+    let (endpoints, topics) = (hub.endpoints(), hub.topics());
+    let (what, push) = match event {
+        Event::Progress { topic, update } => {
+            let now = crate::hub::now_ms();
+            return endpoints
+                .update(topic, update, now, topics, progress_push)
+                .map(drop);
+        }
+        Event::NewRevision { poid, roid } => {
+            (Notification::NewRevision, Push::NewRevision { poid, roid })
+        }
+        Event::NewProject { poid } => (Notification::NewProject, Push::NewProject { poid }),
+    };
+    let body = Outbound::Push {
+        family: Family::Current,
+        push,
+    }
+    .encode();
+    endpoints.event(what, body, topics);
+    Ok(())
+}
+
+/// One message of a request.
+#[derive(Debug)]
+enum Item {
+    /// A STOMP topic message: destination, data, headers.
+    Topic(String, Bytes, Vec<(String, String)>),
+    /// An endpoint notification.
+    Endpoint(Event),
+}
+
+type Parsed = Vec<Item>;
 
 /// The messages of a request, each checked against the broker `prefixes`; the error names
 /// what is wrong.
@@ -139,6 +189,18 @@ fn parse(body: &Bytes, max_data: usize, prefixes: &[String]) -> Result<Parsed, S
     }
     list.into_iter()
         .map(|one| {
+            if one.destination.starts_with(backend::PREFIX) {
+                if one.data.get().len() > max_data {
+                    return Err(format!("data larger than {max_data} bytes"));
+                }
+                if !one.headers.is_empty() {
+                    return Err(format!(
+                        "{}: endpoint notifications take no headers",
+                        one.destination
+                    ));
+                }
+                return backend::parse(&one.destination, one.data.get()).map(Item::Endpoint);
+            }
             destination::check(&one.destination, prefixes)
                 .map_err(|e| format!("{e}: {}", one.destination))?;
             if one.destination.starts_with(destination::STREAMS) {
@@ -159,7 +221,11 @@ fn parse(body: &Bytes, max_data: usize, prefixes: &[String]) -> Result<Parsed, S
                 return Err("header names must be non-empty, without ':' or newlines".into());
             }
             // `data` borrows from the request body: the message shares it, uncopied.
-            Ok((one.destination, body.slice_ref(data.as_bytes()), headers))
+            Ok(Item::Topic(
+                one.destination,
+                body.slice_ref(data.as_bytes()),
+                headers,
+            ))
         })
         .collect()
 }
@@ -179,17 +245,28 @@ mod tests {
             1000,
         )
         .unwrap();
-        assert_eq!(one.len(), 1);
-        assert_eq!(one[0].0, "/topic/workout/record");
+        let [Item::Topic(destination, data, headers)] = &one[..] else {
+            panic!("one topic message");
+        };
+        assert_eq!(destination, "/topic/workout/record");
         // `data` is kept byte for byte; the frame's own headers are dropped.
-        assert_eq!(&one[0].1[..], br#"{ "workout": {"id":4711} }"#);
-        assert_eq!(one[0].2, vec![("x".to_string(), "1".to_string())]);
+        assert_eq!(&data[..], br#"{ "workout": {"id":4711} }"#);
+        assert_eq!(headers, &vec![("x".to_string(), "1".to_string())]);
         let many = parse(
             &Bytes::from_static(br#"{"messages":[{"destination":"/topic/a","data":1},{"destination":"/v1/topic/b","data":"x"}]}"#),
             1000,
         )
         .unwrap();
         assert_eq!(many.len(), 2);
+        let mixed = parse(
+            &Bytes::from_static(br#"{"messages":[{"destination":"/topic/a","data":1},{"destination":"/bimserver/newProject","data":{"poid":7}}]}"#),
+            1000,
+        )
+        .unwrap();
+        assert!(matches!(
+            mixed[1],
+            Item::Endpoint(Event::NewProject { poid: 7 })
+        ));
         for (body, want) in [
             (
                 &br#"{"destination":"/queue/a","data":1}"#[..],
@@ -213,6 +290,14 @@ mod tests {
             (
                 br#"{"destination":"/topic/streams/acme","data":1}"#,
                 "streams are written by their producers",
+            ),
+            (
+                br#"{"destination":"/bimserver/progress/1","data":{"state":"NOPE"}}"#,
+                "state must be",
+            ),
+            (
+                br#"{"destination":"/bimserver/newProject","data":{"poid":1},"headers":{"a":"b"}}"#,
+                "take no headers",
             ),
         ] {
             let max = if want == "data larger than" { 3 } else { 1000 };
