@@ -56,7 +56,8 @@ pub trait Handler {
     /// One text or binary message (text is valid UTF-8). Replies go into `out`.
     fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Self::Wait>, End>;
 
-    /// A ping, pong or close arrived (for metrics); the socket answers pings itself.
+    /// A ping, pong or close arrived (a sign of life, and a metric); the socket answers
+    /// pings itself.
     fn on_control(&mut self) {}
 }
 
@@ -297,7 +298,10 @@ impl WsSocket {
                     self.out.reply(OpCode::Pong, payload);
                     None
                 }
-                Message::Pong => None,
+                Message::Pong => {
+                    handler.on_control();
+                    None
+                }
                 Message::Close(_) => {
                     handler.on_control();
                     return Err(CloseCode::Normal.into());
