@@ -49,7 +49,7 @@ pub const PROGRESS_OUTCOMES: [&str; 3] = ["pushed", "held", "unchanged"];
 
 /// The JSON API's methods (the `method` label of [`ENDPOINT_CALLS`]); anything else is
 /// counted as "other".
-pub const ENDPOINT_METHODS: [&str; 8] = [
+pub const ENDPOINT_METHODS: [&str; 9] = [
     "registerProgressHandler",
     "unregisterProgressHandler",
     "getProgress",
@@ -57,6 +57,7 @@ pub const ENDPOINT_METHODS: [&str; 8] = [
     "unregisterNewRevisionHandler",
     "registerNewProjectHandler",
     "unregisterNewProjectHandler",
+    "getLoggedInUser",
     "other",
 ];
 

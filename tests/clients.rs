@@ -1,7 +1,8 @@
-//! STOMP clients nobody here wrote, run unchanged against the real server: @stomp/stompjs
-//! (Node, what most of seed 000's and 002's users run) and stomp.py's WSStompConnection
-//! (which offers no subprotocol). Their scripts live in `clients/`; the first run installs
-//! them from the npm registry and PyPI at the versions pinned there (`.ci/run` does so too).
+//! Clients nobody here wrote, run unchanged against the real server: @stomp/stompjs (Node,
+//! what most of seed 000's and 002's users run), stomp.py's WSStompConnection (which offers
+//! no subprotocol), and seed 003's flow driven with `ws` exactly as BIMserver's JavaScript
+//! API drives it. Their scripts live in `clients/`; the first run installs them from the
+//! npm registry and PyPI at the versions pinned there (`.ci/run` does so too).
 
 mod common;
 
@@ -34,6 +35,17 @@ fn stompjs() -> PathBuf {
             .current_dir(&dir));
     }
     dir.join("check.mjs")
+}
+
+/// Installs ws for the BIMserver flow from `package-lock.json` unless already there.
+fn bimserver_flow() -> PathBuf {
+    let dir = clients_dir("bimserver");
+    if !dir.join("node_modules/ws").exists() {
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir));
+    }
+    dir.join("flow.mjs")
 }
 
 /// A virtualenv with stomp.py from `requirements.txt`, unless already there.
@@ -129,4 +141,25 @@ async fn stomp_py_runs_seed_000_flow_unchanged() {
     .await;
     assert!(ok, "{text}");
     assert!(text.contains("OK stomp.py"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bimserver_javascript_flow_registers_and_gets_progress_pushes() {
+    let script = tokio::task::spawn_blocking(bimserver_flow).await.unwrap();
+    let srv = TestServer::start_with(|c| c.endpoint_context_path = "/bimserver".into()).await;
+    let token = srv.token("/auth/user?id=designer").await;
+    let base = format!("http://{}/bimserver", srv.addr);
+    let (ok, text) = output(
+        tokio::process::Command::new("node")
+            .arg(&script)
+            .arg(&base)
+            .arg(&token)
+            .arg(DEV)
+            .arg(KEY),
+    )
+    .await;
+    assert!(ok, "{text}");
+    assert!(text.contains("OK bimserver flow"), "{text}");
+    let scrape = srv.metrics().await;
+    assert!(metric(&scrape, "sensorgate_endpoint_pushes_total{method=\"progress\"}") >= 2.0);
 }

@@ -252,6 +252,15 @@ pub fn execute(ctx: &ConnCtx, envelope: &Envelope, socket_owner: Option<&Arc<str
     api::encode_reply(envelope.id.as_ref(), many, &outcomes)
 }
 
+/// The name an owner goes by: the user, else the developer, else the static token's id.
+fn user_name(owner: &str) -> &str {
+    match owner.split_once('/') {
+        Some((developer, "")) => developer,
+        Some((_, user)) => user,
+        None => owner.strip_prefix("token:").unwrap_or(owner),
+    }
+}
+
 fn call_one(hub: &Hub, owner: &str, family: Family, call: Call) -> Outcome {
     let (endpoints, topics) = (hub.endpoints(), hub.topics());
     let done = match call {
@@ -264,6 +273,7 @@ fn call_one(hub: &Hub, owner: &str, family: Family, call: Call) -> Outcome {
         Call::GetProgress { topic } => endpoints
             .progress(topic)
             .map(|state| Outcome::Progress(topic, state)),
+        Call::LoggedInUser => Ok(Outcome::User(user_name(owner).to_owned())),
     };
     done.unwrap_or_else(|e| Outcome::Exception(e.to_string()))
 }

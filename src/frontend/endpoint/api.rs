@@ -66,9 +66,20 @@ impl Envelope {
 /// A call this server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
-    Register { what: Notification, endpoint: u64 },
-    Unregister { what: Notification, endpoint: u64 },
-    GetProgress { topic: u64 },
+    Register {
+        what: Notification,
+        endpoint: u64,
+    },
+    Unregister {
+        what: Notification,
+        endpoint: u64,
+    },
+    GetProgress {
+        topic: u64,
+    },
+    /// `AuthInterface.getLoggedInUser`: BIMserver's JavaScript client asks it in
+    /// `setToken` before it opens the socket.
+    LoggedInUser,
 }
 
 /// A resolved call: its family, or the exception to answer.
@@ -80,6 +91,16 @@ pub fn resolve(raw: &RawCall) -> (usize, Resolved) {
         .iter()
         .position(|m| *m == raw.method)
         .unwrap_or(ENDPOINT_METHODS.len() - 1);
+    if matches!(
+        raw.interface.as_str(),
+        "AuthInterface" | "org.bimserver.AuthInterface"
+    ) {
+        let resolved = match raw.method.as_str() {
+            "getLoggedInUser" => Ok((Family::Current, Call::LoggedInUser)),
+            other => Err(format!("Method {other} not found on {}", raw.interface)),
+        };
+        return (method, resolved);
+    }
     let resolved = family(&raw.interface).and_then(|family| {
         let p = &raw.parameters;
         let call = match raw.method.as_str() {
@@ -156,6 +177,8 @@ pub enum Outcome {
     /// A void method: `"result":{}`.
     Void,
     Progress(u64, ProgressState),
+    /// An `SUserObject` with this user name.
+    User(String),
     /// A `UserException` with this message.
     Exception(String),
 }
@@ -184,6 +207,15 @@ pub fn encode_reply(id: Option<&Value>, many: bool, outcomes: &[Outcome]) -> Vec
                 out.extend_from_slice(br#"{"result":"#);
                 encode_state(&mut out, *topic, state);
                 out.push(b'}');
+            }
+            Outcome::User(name) => {
+                out.extend_from_slice(
+                    br#"{"result":{"__type":"SUserObject","oid":-1,"rid":0,"uuid":null,"name":"#,
+                );
+                string(&mut out, name);
+                out.extend_from_slice(br#","username":"#);
+                string(&mut out, name);
+                out.extend_from_slice(br#","state":"ACTIVE","userType":"USER"}}"#);
             }
             Outcome::Exception(message) => {
                 out.extend_from_slice(br#"{"exception":{"__type":"UserException","message":"#);
@@ -271,7 +303,20 @@ mod tests {
         }
         assert_eq!(
             resolve(&call("AuthInterface", "login", serde_json::json!({}))),
-            (7, Err("Interface AuthInterface not found".into()))
+            (8, Err("Method login not found on AuthInterface".into()))
+        );
+        assert_eq!(
+            resolve(&call("ServiceInterface", "checkin", serde_json::json!({}))),
+            (8, Err("Interface ServiceInterface not found".into()))
+        );
+        assert_eq!(
+            resolve(&call(
+                "org.bimserver.AuthInterface",
+                "getLoggedInUser",
+                serde_json::json!({})
+            ))
+            .1,
+            Ok((Family::Current, Call::LoggedInUser))
         );
     }
 
@@ -295,6 +340,10 @@ mod tests {
         assert_eq!(
             encode_reply(Some(&id), false, &[Outcome::Void]),
             br#"{"id":4,"response":{"result":{}}}"#
+        );
+        assert_eq!(
+            encode_reply(None, false, &[Outcome::User("alice".into())]),
+            br#"{"response":{"result":{"__type":"SUserObject","oid":-1,"rid":0,"uuid":null,"name":"alice","username":"alice","state":"ACTIVE","userType":"USER"}}}"#
         );
         assert_eq!(
             encode_reply(None, false, &[Outcome::Exception("Endpoint with id 9 not found".into())]),
