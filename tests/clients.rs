@@ -161,5 +161,10 @@ async fn bimserver_javascript_flow_registers_and_gets_progress_pushes() {
     assert!(ok, "{text}");
     assert!(text.contains("OK bimserver flow"), "{text}");
     let scrape = srv.metrics().await;
-    assert!(metric(&scrape, "sensorgate_endpoint_pushes_total{method=\"progress\"}") >= 2.0);
+    assert!(
+        metric(
+            &scrape,
+            "sensorgate_endpoint_pushes_total{method=\"progress\"}"
+        ) >= 2.0
+    );
 }
