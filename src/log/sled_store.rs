@@ -131,6 +131,9 @@ impl Tail {
     }
 }
 
+/// Tries at opening a directory whose lock is still held (50 ms apart: 5 s).
+const LOCK_RETRIES: u32 = 100;
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(
@@ -139,12 +142,27 @@ impl SledStore {
         fast_flush: Duration,
     ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
             // Our committer flushes (and fsyncs); sled's own timer would only duplicate it.
-            .flush_every_ms(None)
-            .open()?;
+            .flush_every_ms(None);
+        // sled lets go of its directory's file lock from a background thread after the last
+        // handle drops, so a store reopened at once in the same process (a restart in place)
+        // can find it still held. Wait for that, boundedly; a directory another process
+        // holds stays an error.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if tries < LOCK_RETRIES && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         let meta = db.open_tree("meta")?;
         // Make the files sled just created durable, directory entries included.
         db.flush()?;

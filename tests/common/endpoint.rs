@@ -1,14 +1,11 @@
 //! A `/stream` client as BIMserver's JavaScript API drives it: welcome, token, endpoint id,
 //! then JSON API calls over the socket or `POST /json`, and pushes.
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{http_with_body, Closed, TestServer, WAIT};
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use super::{http_with_body, Closed, TestServer, Ws};
 
 pub struct Endpoint {
     pub ws: Ws,
@@ -58,16 +55,7 @@ impl Endpoint {
 
     /// The next text message; pings are answered by the library as it reads.
     pub async fn recv(&mut self) -> String {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a message in time");
-            match msg {
-                Some(Ok(Message::Text(t))) => return t.to_string(),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text message, got {other:?}"),
-            }
-        }
+        super::recv_text(&mut self.ws).await
     }
 
     pub async fn recv_json(&mut self) -> Value {
@@ -87,19 +75,7 @@ impl Endpoint {
     }
 
     pub async fn closed(&mut self) -> Closed {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("close in time");
-            match msg {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Closed::Code(u16::from(frame.code), frame.reason.to_string())
-                }
-                Some(Ok(Message::Close(None))) => return Closed::Code(1005, String::new()),
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Closed::Abrupt,
-            }
-        }
+        super::closed(&mut self.ws).await
     }
 }
 

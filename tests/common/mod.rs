@@ -147,7 +147,39 @@ pub async fn token(addr: SocketAddr, path: &str, dev: &str, key: &str) -> String
     v["token"].as_str().unwrap().to_string()
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// The next text message on any WebSocket client; pings are answered by the library as it
+/// reads. Panics on close or timeout.
+pub async fn recv_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        match msg {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the server closes; returns the code, skipping any frames before it.
+pub async fn closed(ws: &mut Ws) -> Closed {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("close in time");
+        match msg {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return Closed::Code(u16::from(frame.code), frame.reason.to_string())
+            }
+            Some(Ok(Message::Close(None))) => return Closed::Code(1005, String::new()),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Closed::Abrupt,
+        }
+    }
+}
 
 /// A WebSocket client speaking the opcode protocol.
 pub struct Client {
@@ -197,16 +229,7 @@ impl Client {
 
     /// The next text frame; panics on close or timeout.
     pub async fn recv(&mut self) -> String {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a frame in time");
-            match msg {
-                Some(Ok(Message::Text(t))) => return t.to_string(),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
+        recv_text(&mut self.ws).await
     }
 
     pub async fn recv_json(&mut self) -> Value {
@@ -215,19 +238,7 @@ impl Client {
 
     /// Reads until the server closes; returns the code, skipping any frames before it.
     pub async fn closed(&mut self) -> Closed {
-        loop {
-            let msg = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("close in time");
-            match msg {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Closed::Code(u16::from(frame.code), frame.reason.to_string())
-                }
-                Some(Ok(Message::Close(None))) => return Closed::Code(1005, String::new()),
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Closed::Abrupt,
-            }
-        }
+        closed(&mut self.ws).await
     }
 
     pub async fn close_code(&mut self) -> u16 {
