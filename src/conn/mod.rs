@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::auth::Auth;
 use crate::config::{Config, StompRule};
 use crate::frontend::CloseCode;
-use crate::hub::{Hub, Kick, KickReason};
+use crate::hub::{Hub, Inbox, Kick, KickReason, TopicDelivery};
 use crate::shutdown::Shutdown;
 
 /// Replies (ACK, pong) a connection may have waiting unsent before it is closed with 4008:
@@ -102,17 +103,34 @@ impl ConnCtx {
         }
     }
 
-    fn next_id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Makes a connection reachable by [`ConnCtx::close_all`]. One that registers after
-    /// shutdown began is kicked at once.
-    fn register(&self, id: u64, kick: &Arc<Kick>) {
+    /// A new connection: its id and off switch, counted and reachable by
+    /// [`ConnCtx::close_all`]. One that opens after shutdown began is kicked at once.
+    fn open(&self) -> (u64, Arc<Kick>) {
+        crate::metrics::handles().connections_opened.increment(1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kick = Kick::new();
         self.kicks.insert(id, kick.clone());
         if self.shutdown.token().is_cancelled() {
             kick.kick(KickReason::Shutdown);
         }
+        (id, kick)
+    }
+
+    /// The one inbox a connection's topic subscriptions (STOMP topics, endpoint pushes)
+    /// deliver to, bounded by `consumer_queue_max` and `stomp_max_pending_bytes`.
+    fn topic_inbox(
+        &self,
+        id: u64,
+        kick: &Arc<Kick>,
+    ) -> (Inbox, mpsc::UnboundedReceiver<TopicDelivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inbox = Inbox {
+            conn: id,
+            tx,
+            outbox: self.hub.outbox_bytes(self.limits.stomp_max_pending_bytes),
+            kick: kick.clone(),
+        };
+        (inbox, rx)
     }
 
     fn unregister(&self, id: u64) {

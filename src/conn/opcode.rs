@@ -61,11 +61,8 @@ struct State {
 
 pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Bytes) {
     let m = metrics::handles();
-    m.connections_opened.increment(1);
     let peer = sock.peer_addr().ok();
-    let id = ctx.next_id();
-    let kick = Kick::new();
-    ctx.register(id, &kick);
+    let (id, kick) = ctx.open();
     let mut conn = Conn {
         io: WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id),
         st: State {

@@ -170,18 +170,9 @@ pub(super) async fn run(
     bearer: Option<String>,
 ) {
     let m = metrics::handles();
-    m.connections_opened.increment(1);
     m.stomp_connections.increment(1.0);
-    let id = ctx.next_id();
-    let kick = Kick::new();
-    ctx.register(id, &kick);
-    let (tx, deliveries) = mpsc::unbounded_channel();
-    let inbox = Inbox {
-        conn: id,
-        tx,
-        outbox: ctx.hub.outbox_bytes(ctx.limits.stomp_max_pending_bytes),
-        kick: kick.clone(),
-    };
+    let (id, kick) = ctx.open();
+    let (inbox, deliveries) = ctx.topic_inbox(id, &kick);
     let mut io = WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id);
     let mut st = State {
         id,

@@ -6,10 +6,10 @@
 //! connection's memory), and its fragment collector does not cap the joined message. Here a
 //! frame is parsed from whatever buffer the connection read it into, its payload is unmasked
 //! in place and handed out borrowed; fragments are joined against `max_frame_bytes`
-//! (close 1009). fastwebsockets still provides the opcode type, unmasking and the server
-//! frame header. Owns no socket: the connection reads and writes.
+//! (close 1009). fastwebsockets still provides the opcode type and unmasking; the server
+//! frame header is written here. Owns no socket: the connection reads and writes.
 
-use fastwebsockets::{unmask, Frame, OpCode, Payload};
+use fastwebsockets::{unmask, OpCode};
 use std::borrow::Cow;
 
 /// One complete client message, borrowed from the read buffer where it can be.
@@ -164,14 +164,12 @@ fn finish(opcode: OpCode, payload: Cow<'_, [u8]>) -> Result<Message<'_>, ReadErr
 
 /// Appends one unmasked, unfragmented server frame to `out`.
 pub fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
-    let mut head = [0u8; 10];
-    let n = Frame::new(true, opcode, None, Payload::Borrowed(payload)).fmt_head(&mut head);
-    out.reserve(n + payload.len());
-    out.extend_from_slice(&head[..n]);
-    out.extend_from_slice(payload);
+    push_frame_parts(out, opcode, &[payload]);
 }
 
-/// Appends one frame whose payload is `parts` joined, without joining them first.
+/// Appends one frame whose payload is `parts` joined, without joining them first. Server
+/// frames are final and unmasked: one byte of FIN and opcode, then the length in 7, 16 or
+/// 64 bits.
 pub fn push_frame_parts(out: &mut Vec<u8>, opcode: OpCode, parts: &[&[u8]]) {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     out.reserve(10 + len);
@@ -204,14 +202,18 @@ pub fn push_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fastwebsockets::{Frame, Payload};
 
     #[test]
     fn a_frame_in_parts_is_the_frame_of_the_joined_payload() {
         for len in [0, 125, 126, 65_535, 65_536] {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let (a, b) = payload.split_at(len / 3);
-            let mut whole = Vec::new();
-            push_frame(&mut whole, OpCode::Text, &payload);
+            // What fastwebsockets writes for the whole payload.
+            let mut head = [0u8; 10];
+            let n = Frame::new(true, OpCode::Text, None, Payload::Borrowed(&payload))
+                .fmt_head(&mut head);
+            let whole = [&head[..n], &payload].concat();
             let mut parts = Vec::new();
             push_frame_parts(&mut parts, OpCode::Text, &[a, &[], b]);
             assert_eq!(whole, parts, "{len}");

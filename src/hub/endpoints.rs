@@ -288,15 +288,6 @@ impl Endpoints {
         crate::metrics::handles().endpoints.decrement(1.0);
     }
 
-    /// Endpoints open now.
-    pub fn len(&self) -> usize {
-        self.endpoints.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
-    }
-
     /// Registers endpoint `id` of `owner` for `what`; registering again is a no-op (or
     /// switches the family, without a gap).
     pub fn register(
@@ -482,11 +473,6 @@ impl Endpoints {
             .progress_topics
             .decrement(removed as f64);
         removed
-    }
-
-    /// Progress topics held now.
-    pub fn topic_count(&self) -> usize {
-        self.topics.len()
     }
 
     /// Pushes `newRevision` or `newProject` (already encoded) to every endpoint registered
@@ -774,7 +760,7 @@ mod tests {
         e.close(id, t);
         assert_eq!(t.subscribers("endpoint:progress:1"), 0);
         assert_eq!(t.subscribers("endpoint:newProject"), 0);
-        assert!(e.is_empty());
+        assert!(e.endpoints.is_empty());
         assert_eq!(e.expire(20_000, t), 1);
     }
 }

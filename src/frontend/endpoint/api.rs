@@ -103,35 +103,28 @@ pub fn resolve(raw: &RawCall) -> (usize, Resolved) {
     }
     let resolved = family(&raw.interface).and_then(|family| {
         let p = &raw.parameters;
-        let call = match raw.method.as_str() {
-            "registerProgressHandler" => Call::Register {
-                what: Notification::Progress(long(p, "topicId")?),
-                endpoint: endpoint(p)?,
-            },
-            "unregisterProgressHandler" => Call::Unregister {
-                what: Notification::Progress(long(p, "topicId")?),
-                endpoint: endpoint(p)?,
-            },
-            "getProgress" => Call::GetProgress {
-                topic: long(p, "topicId")?,
-            },
-            "registerNewRevisionHandler" => Call::Register {
-                what: Notification::NewRevision,
-                endpoint: endpoint(p)?,
-            },
-            "unregisterNewRevisionHandler" => Call::Unregister {
-                what: Notification::NewRevision,
-                endpoint: endpoint(p)?,
-            },
-            "registerNewProjectHandler" => Call::Register {
-                what: Notification::NewProject,
-                endpoint: endpoint(p)?,
-            },
-            "unregisterNewProjectHandler" => Call::Unregister {
-                what: Notification::NewProject,
-                endpoint: endpoint(p)?,
-            },
-            other => return Err(format!("Method {other} not found on {}", raw.interface)),
+        let method = raw.method.as_str();
+        let not_found = || format!("Method {method} not found on {}", raw.interface);
+        if method == "getProgress" {
+            let topic = long(p, "topicId")?;
+            return Ok((family, Call::GetProgress { topic }));
+        }
+        // register… and unregister…: the same parameters, the same notifications.
+        let (register, handler) = match method.strip_prefix("un") {
+            Some(rest) => (false, rest),
+            None => (true, method),
+        };
+        let what = match handler {
+            "registerProgressHandler" => Notification::Progress(long(p, "topicId")?),
+            "registerNewRevisionHandler" => Notification::NewRevision,
+            "registerNewProjectHandler" => Notification::NewProject,
+            _ => return Err(not_found()),
+        };
+        let endpoint = endpoint(p)?;
+        let call = if register {
+            Call::Register { what, endpoint }
+        } else {
+            Call::Unregister { what, endpoint }
         };
         Ok((family, call))
     });

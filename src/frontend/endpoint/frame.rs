@@ -175,7 +175,7 @@ impl Outbound<'_> {
         out
     }
 
-    /// As a client reads it (tests and the load generator).
+    /// As a client reads it: the other half of the round trip the tests check.
     pub fn parse(data: &[u8]) -> Result<Outbound<'static>, String> {
         let v: Value = serde_json::from_slice(data).map_err(|e| e.to_string())?;
         if let Some(ms) = v.get("welcome") {
