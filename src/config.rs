@@ -127,8 +127,12 @@ pub struct Config {
     pub durability: Durability,
     pub token_ttl_s: u64,
     pub max_consumers_per_developer: usize,
-    /// Frames queued for one consumer before it is closed with 4009.
+    /// Frames queued for one consumer before it falls behind and catches up from the log
+    /// (for a live-topic subscriber: before it is closed with 4009).
     pub consumer_queue_max: usize,
+    /// A connection whose socket takes nothing this long while data waits is closed with
+    /// 4009: it reads nothing.
+    pub consumer_stall_timeout_ms: u64,
     /// 0 keeps readings forever.
     pub retention_max_age_s: u64,
     /// 0 keeps any number of readings.
@@ -226,6 +230,7 @@ impl Default for Config {
             token_ttl_s: 300,
             max_consumers_per_developer: 1,
             consumer_queue_max: 65_536,
+            consumer_stall_timeout_ms: 30_000,
             retention_max_age_s: 7 * 24 * 3600,
             retention_max_per_stream: 0,
             max_connections: 16_384,
@@ -290,6 +295,7 @@ const ENV_KEYS: &[&str] = &[
     "token_ttl_s",
     "max_consumers_per_developer",
     "consumer_queue_max",
+    "consumer_stall_timeout_ms",
     "retention_max_age_s",
     "retention_max_per_stream",
     "max_connections",
@@ -391,7 +397,7 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 21] = [
+        let positive: [(&'static str, u64); 22] = [
             ("endpoint_max_topics", self.endpoint_max_topics as u64),
             ("endpoint_topic_ttl_s", self.endpoint_topic_ttl_s),
             (
@@ -418,6 +424,7 @@ impl Config {
                 self.max_consumers_per_developer as u64,
             ),
             ("consumer_queue_max", self.consumer_queue_max as u64),
+            ("consumer_stall_timeout_ms", self.consumer_stall_timeout_ms),
             ("max_connections", self.max_connections as u64),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("fast_flush_interval_ms", self.fast_flush_interval_ms),

@@ -20,6 +20,10 @@ pub const FSYNC_SECONDS: &str = "sensorgate_fsync_seconds";
 pub const REPLAY_REQUESTS: &str = "sensorgate_replay_requests_total";
 pub const REPLAY_FRAMES: &str = "sensorgate_replay_frames_total";
 pub const SLOW_CONSUMER_CLOSES: &str = "sensorgate_slow_consumer_closes_total";
+/// Times a stream consumer's outbox filled and it went from live delivery to reading the log.
+pub const CONSUMER_LAGS: &str = "sensorgate_consumer_lags_total";
+/// Readings a lagging consumer was sent from the log (REPLAY frames are counted apart).
+pub const CATCHUP_FRAMES: &str = "sensorgate_catchup_frames_total";
 pub const STREAMS: &str = "sensorgate_streams";
 pub const READINGS_STORED: &str = "sensorgate_readings_stored_total";
 pub const STORE_ERRORS: &str = "sensorgate_store_errors_total";
@@ -160,8 +164,8 @@ pub mod op_out {
 }
 
 /// Close codes the server sends, the `code` label of [`CLOSES`].
-pub const CLOSE_CODES: [u16; 14] = [
-    1000, 1001, 1002, 1007, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4008, 4009,
+pub const CLOSE_CODES: [u16; 15] = [
+    1000, 1001, 1002, 1007, 1009, 1011, 4000, 4001, 4002, 4003, 4004, 4005, 4008, 4009, 4010,
 ];
 
 /// Pre-registered handles for everything the per-frame path touches.
@@ -177,6 +181,8 @@ pub struct Handles {
     pub replay_requests: Counter,
     pub replay_frames: Counter,
     pub slow_consumer_closes: Counter,
+    pub consumer_lags: Counter,
+    pub catchup_frames: Counter,
     pub streams: Gauge,
     pub readings_stored: Counter,
     pub store_errors: Counter,
@@ -251,6 +257,8 @@ pub fn handles() -> &'static Handles {
             replay_requests: metrics::counter!(REPLAY_REQUESTS),
             replay_frames: metrics::counter!(REPLAY_FRAMES),
             slow_consumer_closes: metrics::counter!(SLOW_CONSUMER_CLOSES),
+            consumer_lags: metrics::counter!(CONSUMER_LAGS),
+            catchup_frames: metrics::counter!(CATCHUP_FRAMES),
             streams: metrics::gauge!(STREAMS),
             readings_stored: metrics::counter!(READINGS_STORED),
             store_errors: metrics::counter!(STORE_ERRORS),

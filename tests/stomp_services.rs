@@ -395,3 +395,48 @@ async fn a_stream_topic_subscriber_is_one_of_the_developers_consumers() {
     );
     assert_eq!(c.close_code().await, 4002);
 }
+
+/// A stream topic is a cursor over the stream, as on `/connect`: a subscriber that cannot
+/// keep up is not cut; it falls behind, catches up from the log and rejoins live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_subscriber_that_cannot_keep_up_catches_up_from_the_log() {
+    let srv = TestServer::start_with(|c| {
+        c.consumer_queue_max = 64;
+        c.stomp_max_pending_bytes = 64 << 10;
+    })
+    .await;
+    let dev = srv.token("/auth/developer").await;
+    let ws = connect_small_window(&format!("ws://{}/stomp/websocket", srv.addr)).await;
+    let mut c = Stomp {
+        ws,
+        chosen: None,
+        pending: Vec::new(),
+    };
+    c.send(&format!(
+        "CONNECT\naccept-version:1.2\nheart-beat:0,0\npasscode:{dev}\n\n\0"
+    ))
+    .await;
+    assert!(c.frame().await.starts_with("CONNECTED\n"));
+    c.send_synced(
+        "SUBSCRIBE\nid:mine\ndestination:/topic/streams/acme\n\n\0",
+        "sub",
+    )
+    .await;
+    // ~8 MB while the subscriber reads nothing: far past its 64 KiB of pending bytes.
+    let pad = "x".repeat(1000);
+    let mut p = srv.producer("u-1").await;
+    for i in 1..=8000 {
+        p.submit("STEPS", &format!(r#"{{"n":{i},"p":"{pad}"}}"#))
+            .await;
+    }
+    p.ping().await;
+    for seq in 1..=8000u64 {
+        let m = c.frame().await;
+        assert!(m.starts_with("MESSAGE\n"), "{}", &m[..m.len().min(200)]);
+        assert_eq!(header(&m, "seq"), Some(seq.to_string()), "in order, no gap");
+    }
+    p.submit("STEPS", r#"{"n":0}"#).await;
+    assert_eq!(header(&c.frame().await, "seq").as_deref(), Some("8001"));
+    let scrape = srv.metrics().await;
+    assert!(metric(&scrape, "sensorgate_consumer_lags_total") >= 1.0);
+}

@@ -1,13 +1,19 @@
-//! What a consumer connection owes its client: live batches from the hub and REPLAY ranges
-//! from the log, merged into one ordered run of frames: DISPATCH on `/connect`, MESSAGE on
-//! a STOMP stream topic (each front-end frames a reading through [`Encode`]).
+//! What a consumer connection owes its client from its developer's stream: a cursor over the
+//! stream, framed as DISPATCH on `/connect` or MESSAGE on a STOMP stream topic (each
+//! front-end frames a reading through [`Encode`]).
 //!
-//! Owns the live/replay bookkeeping that makes "replay, then live, no gap, no duplicate"
-//! hold: it knows the next live seq it owes (`next`), holds live batches back while a replay
-//! runs, and, if holding them would fill half the outbox, drops them and reads them back from
-//! the log instead (they are all there: the hub appends before it dispatches). Writes frames
-//! into the connection's buffer and never touches the socket; must not decide protocol
-//! questions (the session does).
+//! Owns the cursor: `next`, the seq the client is owed next. While the cursor is at the head
+//! it takes the stream owner's live batches (the fast path: shared frames, no store read).
+//! When it cannot keep up — its outbox filled and the owner marked it lagging — or a REPLAY
+//! asks for other readings first, it stops taking live batches, gives their room back, and
+//! reads the log from `next` in bounded steps until it reaches the durable mark; then it
+//! clears the lag flag, reads once more (the owner may have skipped a batch meanwhile) and
+//! takes live batches again, skipping what it already sent. In seq order, with no gap and no
+//! duplicate, and with no more memory than the outbox bound plus one step.
+//!
+//! Writes frames into the connection's buffer and never touches the socket; must not decide
+//! protocol questions (the session does) or read past the durable mark (the stream handle
+//! enforces it).
 
 use fastwebsockets::OpCode;
 use std::collections::VecDeque;
@@ -18,7 +24,7 @@ use tokio::sync::mpsc;
 use super::wire::push_frame;
 use crate::frontend::CloseCode;
 use crate::hub::{Batch, HubError, Kick, Outbox, StreamHandle, Subscriber};
-use crate::log::Entry;
+use crate::log::{Entry, ReadLimit};
 use crate::metrics::op_out;
 
 /// How a front-end frames one reading for its client.
@@ -45,45 +51,57 @@ impl Encode for Dispatch {
 /// REPLAY requests a consumer may have waiting before it is closed with 4008.
 pub const MAX_QUEUED_REPLAYS: usize = 16;
 
-struct Live {
+/// Where the frames [`Delivery::poll_send`] wrote came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The owner's live batches: more may be runnable right behind them.
+    Live,
+    /// The log: a REPLAY or a consumer catching up.
+    Log,
+}
+
+struct Cursor {
     rx: mpsc::UnboundedReceiver<Arc<Batch>>,
     outbox: Arc<Outbox>,
     stream: StreamHandle,
-    /// The next live seq owed to the client.
+    /// The next seq owed to the client.
     next: u64,
-    /// Live batches held back while a replay runs.
-    pending: VecDeque<Arc<Batch>>,
-    pending_frames: usize,
-    /// Highest seq dropped from `pending` because it grew too large.
-    dropped_through: Option<u64>,
+    /// Reading the log instead of taking live batches.
+    behind: bool,
+    /// `next` follows what was delivered, so a reading removed below it was owed and lost.
+    /// False right after an open REPLAY until its first reading goes out: `after: 0` asks
+    /// for whatever is still kept.
+    owed: bool,
+    /// Catching up on an open REPLAY's behalf (its frames count as replayed).
+    replaying: bool,
 }
 
-struct Range {
-    /// The last seq sent (or the request's `after`).
-    cursor: u64,
-    before: u64,
-    /// Up to the newest reading, then live.
-    open: bool,
-    read_any: bool,
+/// A REPLAY waiting its turn.
+enum Request {
+    /// `after < seq < before`; `after` advances as frames go out. Then the cursor goes on.
+    Range { after: u64, before: u64 },
+    /// Everything after `after`: moves the cursor there.
+    From { after: u64 },
 }
 
 #[derive(Default)]
 pub struct Delivery {
-    live: Option<Live>,
-    replays: VecDeque<Range>,
+    cursor: Option<Cursor>,
+    requests: VecDeque<Request>,
     entries: Vec<Entry>,
 }
 
 impl Delivery {
-    /// Joins `stream` as consumer `conn`: its live batches are bounded by `outbox`, and
-    /// `kick` ends the connection if they overflow it.
+    /// Joins `stream` as consumer `conn`: its live batches are bounded by `outbox`; the
+    /// owner ends it through `kick` only for a newer connection (4002).
     pub async fn join(
         stream: &StreamHandle,
         conn: u64,
         outbox: Arc<Outbox>,
         kick: Arc<Kick>,
     ) -> Result<Self, HubError> {
-        let (tx, live) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
+        outbox.set_lagging(false);
         let sub = Subscriber {
             id: conn,
             tx,
@@ -91,200 +109,359 @@ impl Delivery {
             kick,
         };
         let head = stream.subscribe(sub).await?;
-        let mut delivery = Self::default();
-        delivery.attach(live, outbox, stream.clone(), head);
-        Ok(delivery)
+        Ok(Self {
+            cursor: Some(Cursor {
+                rx,
+                outbox,
+                stream: stream.clone(),
+                next: head + 1,
+                behind: false,
+                owed: true,
+                replaying: false,
+            }),
+            ..Self::default()
+        })
     }
 
-    /// Starts live delivery: frames with seq > `head` arrive on `rx`.
-    fn attach(
-        &mut self,
-        rx: mpsc::UnboundedReceiver<Arc<Batch>>,
-        outbox: Arc<Outbox>,
-        stream: StreamHandle,
-        head: u64,
-    ) {
-        self.live = Some(Live {
-            rx,
-            outbox,
-            stream,
-            next: head + 1,
-            pending: VecDeque::new(),
-            pending_frames: 0,
-            dropped_through: None,
-        });
-    }
-
-    /// Queues a REPLAY of readings with `after < seq < before` (`None`: up to the newest,
-    /// then live).
+    /// Queues a REPLAY of readings with `after < seq < before` (`None`: every reading
+    /// after `after`, then live).
     pub fn request_replay(&mut self, after: u64, before: Option<u64>) -> Result<(), CloseCode> {
-        if self.live.is_none() {
+        if self.cursor.is_none() {
             return Ok(());
         }
-        if self.replays.len() >= MAX_QUEUED_REPLAYS {
+        if self.requests.len() >= MAX_QUEUED_REPLAYS {
             return Err(CloseCode::RateLimited);
         }
         crate::metrics::handles().replay_requests.increment(1);
-        self.replays.push_back(Range {
-            cursor: after,
-            before: before.unwrap_or(u64::MAX),
-            open: before.is_none(),
-            read_any: false,
+        self.requests.push_back(match before {
+            Some(before) => Request::Range { after, before },
+            None => Request::From { after },
         });
         Ok(())
     }
 
-    /// True while a REPLAY has frames to send: [`Delivery::replay_step`] then has work.
-    pub fn replaying(&self) -> bool {
-        !self.replays.is_empty()
-    }
-
-    /// Writes live batches that are ready into `out` until it holds `high` bytes. Ready
-    /// when it wrote something, or when the hub dropped this subscriber (`Err`).
-    pub fn poll_live(
+    /// Writes what is owed into `out` until it holds about `high` bytes: queued REPLAYs,
+    /// then the log up to the mark while behind, then live batches. Ready when it wrote
+    /// something (or the connection must close); pending with the task registered for the
+    /// next live batch or lag.
+    pub fn poll_send(
         &mut self,
         cx: &mut Context<'_>,
         out: &mut Vec<u8>,
         high: usize,
-        enc: &mut impl Encode,
-    ) -> Poll<Result<(), Gone>> {
-        let Some(live) = &mut self.live else {
-            return Poll::Pending;
-        };
-        let mut sent = 0u64;
-        while out.len() < high {
-            match live.rx.poll_recv(cx) {
-                Poll::Ready(Some(batch)) => sent += write_batch(live, &batch, out, enc),
-                Poll::Ready(None) if sent == 0 => return Poll::Ready(Err(Gone)),
-                Poll::Ready(None) | Poll::Pending => break,
-            }
-        }
-        if sent == 0 {
-            return Poll::Pending;
-        }
-        enc.count(sent);
-        Poll::Ready(Ok(()))
-    }
-
-    /// One step of a replay: set arriving live batches aside, then write one chunk of up to
-    /// `chunk` readings from the log into `out` (or finish the range).
-    pub fn replay_step(
-        &mut self,
-        out: &mut Vec<u8>,
         chunk: usize,
         enc: &mut impl Encode,
-    ) -> Result<(), CloseCode> {
-        let Some(live) = &mut self.live else {
-            self.replays.clear();
-            return Ok(());
+    ) -> Poll<Result<Sent, CloseCode>> {
+        let Some(c) = &mut self.cursor else {
+            return Poll::Pending;
         };
-        hold_live(live);
-        let Some(range) = self.replays.front_mut() else {
-            return Ok(());
+        let limit = ReadLimit {
+            entries: chunk.max(1),
+            bytes: high.saturating_sub(out.len()),
         };
-        self.entries.clear();
-        if let Err(e) = live
-            .stream
-            .read(range.cursor, range.before, chunk, &mut self.entries)
-        {
-            tracing::error!(error = %e, "replay read failed");
-            return Err(CloseCode::Internal);
-        }
-        if self.entries.is_empty() {
-            let range = self.replays.pop_front().expect("a range is in progress");
-            finish_range(live, &range, &mut self.replays);
-            if self.replays.is_empty() {
-                release_held(live, out, enc);
+        loop {
+            if !self.requests.is_empty() && !c.behind {
+                c.fall_behind();
             }
-            return Ok(());
+            if c.behind {
+                if let Some(n) = serve_requests(c, &mut self.requests, &mut self.entries, limit)
+                    .map_err(read_failed)?
+                {
+                    write_entries(&self.entries, out, enc);
+                    crate::metrics::handles().replay_frames.increment(n);
+                    return Poll::Ready(Ok(Sent::Log));
+                }
+                if c.owed && c.next < c.stream.first_seq() {
+                    return Poll::Ready(Err(CloseCode::BehindRetention));
+                }
+                self.entries.clear();
+                c.stream
+                    .read(c.next - 1, u64::MAX, limit, &mut self.entries)
+                    .map_err(read_failed)?;
+                if let Some(last) = self.entries.last() {
+                    c.next = last.seq + 1;
+                    c.owed = true;
+                    let n = write_entries(&self.entries, out, enc);
+                    let m = crate::metrics::handles();
+                    if c.replaying {
+                        m.replay_frames.increment(n);
+                    } else {
+                        m.catchup_frames.increment(n);
+                    }
+                    return Poll::Ready(Ok(Sent::Log));
+                }
+                // At the mark. Rejoin live, then read once more: a batch the owner skipped
+                // between that read and clearing the flag is in the log by now.
+                if c.outbox.is_lagging() {
+                    c.outbox.set_lagging(false);
+                    continue;
+                }
+                c.behind = false;
+                c.replaying = false;
+            }
+            let mut sent = 0u64;
+            while out.len() < high {
+                match c.rx.poll_recv(cx) {
+                    Poll::Ready(Some(batch)) => sent += write_batch(c, &batch, out, enc),
+                    Poll::Ready(None) => return Poll::Ready(Err(CloseCode::GoingAway)),
+                    Poll::Pending => break,
+                }
+            }
+            if sent > 0 {
+                enc.count(sent);
+                return Poll::Ready(Ok(Sent::Live));
+            }
+            if out.len() >= high || !c.outbox.is_lagging() {
+                return Poll::Pending;
+            }
+            // The owner skipped us and everything it did send is written: read the rest.
+            c.fall_behind();
         }
-        for entry in &self.entries {
-            enc.frame(out, entry.seq, &entry.frame);
-        }
-        range.cursor = self.entries.last().map_or(range.cursor, |e| e.seq);
-        range.read_any = true;
-        let n = self.entries.len() as u64;
-        crate::metrics::handles().replay_frames.increment(n);
-        enc.count(n);
-        Ok(())
     }
 
     /// Gives back the outbox room of everything still queued, so the hub's accounting of a
     /// closed connection ends at zero.
     pub fn finish(&mut self) {
-        if let Some(live) = &mut self.live {
-            for batch in live.pending.drain(..) {
-                live.outbox.release(batch.frames.len(), batch.bytes);
-            }
-            live.rx.close();
-            while let Ok(batch) = live.rx.try_recv() {
-                live.outbox.release(batch.frames.len(), batch.bytes);
-            }
+        if let Some(c) = &mut self.cursor {
+            c.rx.close();
+            c.drain();
         }
     }
 }
 
-/// The hub dropped the subscription (its stream is closing).
-#[derive(Debug)]
-pub struct Gone;
-
-/// Moves queued live batches aside during a replay. If they would fill half the outbox, they
-/// are dropped (their room returned) and remembered as owed: the log has them.
-fn hold_live(live: &mut Live) {
-    while let Ok(batch) = live.rx.try_recv() {
-        live.pending_frames += batch.frames.len();
-        live.pending.push_back(batch);
+impl Cursor {
+    /// Stops taking live batches: the owner skips this subscriber from now on, and what it
+    /// already queued is given back (the log has it, below the mark).
+    fn fall_behind(&mut self) {
+        self.outbox.set_lagging(true);
+        self.drain();
+        self.behind = true;
     }
-    if live.pending_frames > live.outbox.max_frames() / 2 {
-        for batch in live.pending.drain(..) {
-            live.dropped_through = Some(live.dropped_through.unwrap_or(0).max(batch.last_seq()));
-            live.outbox.release(batch.frames.len(), batch.bytes);
+
+    fn drain(&mut self) {
+        while let Ok(batch) = self.rx.try_recv() {
+            self.outbox.release(batch.frames.len(), batch.bytes);
         }
-        live.pending_frames = 0;
     }
 }
 
-/// After the last range: the live batches held back go out, minus what the replay sent.
-fn release_held(live: &mut Live, out: &mut Vec<u8>, enc: &mut impl Encode) {
-    let mut sent = 0u64;
-    while let Some(batch) = live.pending.pop_front() {
-        sent += write_batch(live, &batch, out, enc);
+/// Serves the queued REPLAYs: `Some(n)` when `entries` holds `n` frames of a range to
+/// write, `None` once no range has any left (an open REPLAY has moved the cursor).
+fn serve_requests(
+    c: &mut Cursor,
+    requests: &mut VecDeque<Request>,
+    entries: &mut Vec<Entry>,
+    limit: ReadLimit,
+) -> Result<Option<u64>, HubError> {
+    while let Some(request) = requests.front_mut() {
+        match request {
+            Request::From { after } => {
+                c.next = *after + 1;
+                c.owed = false;
+                c.replaying = true;
+                requests.pop_front();
+            }
+            Request::Range { after, before } => {
+                entries.clear();
+                c.stream.read(*after, *before, limit, entries)?;
+                match entries.last() {
+                    Some(last) => {
+                        *after = last.seq;
+                        return Ok(Some(entries.len() as u64));
+                    }
+                    None => {
+                        requests.pop_front();
+                    }
+                }
+            }
+        }
     }
-    live.pending_frames = 0;
-    enc.count(sent);
+    Ok(None)
 }
 
-/// Writes a live batch's frames from the next seq owed (the rest went out with a replay)
+fn read_failed(e: HubError) -> CloseCode {
+    tracing::error!(error = %e, "reading the stream failed");
+    CloseCode::Internal
+}
+
+fn write_entries(entries: &[Entry], out: &mut Vec<u8>, enc: &mut impl Encode) -> u64 {
+    for entry in entries {
+        enc.frame(out, entry.seq, &entry.frame);
+    }
+    let n = entries.len() as u64;
+    enc.count(n);
+    n
+}
+
+/// Writes a live batch's frames from the next seq owed (the rest went out from the log)
 /// and gives its outbox room back; returns the frames written.
-fn write_batch(live: &mut Live, batch: &Batch, out: &mut Vec<u8>, enc: &mut impl Encode) -> u64 {
+fn write_batch(c: &mut Cursor, batch: &Batch, out: &mut Vec<u8>, enc: &mut impl Encode) -> u64 {
     let mut sent = 0;
-    for (seq, frame) in batch.from_seq(live.next) {
+    for (seq, frame) in batch.from_seq(c.next) {
         enc.frame(out, seq, frame);
-        live.next = seq + 1;
+        c.next = seq + 1;
         sent += 1;
     }
-    live.outbox.release(batch.frames.len(), batch.bytes);
+    c.outbox.release(batch.frames.len(), batch.bytes);
     sent
 }
 
-/// Settles what live frames are still owed once a range is done.
-fn finish_range(live: &mut Live, range: &Range, replays: &mut VecDeque<Range>) {
-    if range.open {
-        // Everything dispatched before the range's last (empty) read is in the log and was
-        // either sent now or lies at or below the client's `after`.
-        if range.read_any {
-            live.next = live.next.max(range.cursor + 1);
+#[cfg(test)]
+mod tests {
+    //! The cursor against a real stream on a real sled directory, polled by hand: the
+    //! queues are the hub's, the "socket" is whatever the test drains.
+    use super::*;
+    use crate::config::{Config, Durability};
+    use crate::hub::{Hub, HubConfig, Publish, SeqTemplate};
+    use crate::log::SledStore;
+    use std::time::{Duration, Instant};
+
+    /// Frames as their seqs.
+    #[derive(Default)]
+    struct Seqs(Vec<u64>);
+
+    impl Encode for Seqs {
+        fn frame(&mut self, _out: &mut Vec<u8>, seq: u64, _dispatch: &[u8]) {
+            self.0.push(seq);
         }
-        if let Some(dropped) = live.dropped_through.take() {
-            live.next = live.next.max(dropped + 1);
+        fn count(&self, _n: u64) {}
+    }
+
+    struct Fixture {
+        hub: Hub,
+        stream: StreamHandle,
+        published: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store =
+                SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+            let mut config = HubConfig::from(&Config::default());
+            config.durability = Durability::Fast;
+            let hub = Hub::new(Arc::new(store), config);
+            let stream = hub.stream("acme").unwrap();
+            Self {
+                hub,
+                stream,
+                published: 0,
+                _dir: dir,
+            }
         }
-    } else if live.dropped_through.take().is_some() {
-        // A bounded range ran while live frames were dropped: fetch them from the log.
-        replays.push_back(Range {
-            cursor: live.next - 1,
-            before: u64::MAX,
-            open: true,
-            read_any: false,
-        });
+
+        /// Publishes `n` readings, one group commit each, and waits until all are dispatched.
+        async fn publish(&mut self, n: u64) {
+            for _ in 0..n {
+                let mut buf = Vec::with_capacity(32);
+                buf.extend_from_slice(b"{\"seq\":}");
+                let publish = Publish {
+                    frame: SeqTemplate::new(buf, 7),
+                    received: Instant::now(),
+                };
+                self.stream.publish(publish).await.unwrap();
+                self.published += 1;
+                while self.stream.durable_mark() < self.published {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+
+        /// Stops the stream's owner (it ends once every handle is gone) and the store.
+        async fn close(self, delivery: Delivery) {
+            drop(delivery);
+            drop(self.stream);
+            self.hub.close().await.unwrap();
+        }
+
+        async fn consumer(&self, max_frames: usize) -> (Delivery, Arc<Outbox>) {
+            let outbox = Outbox::new(max_frames, 1 << 20);
+            let delivery = Delivery::join(&self.stream, 1, outbox.clone(), Kick::new())
+                .await
+                .unwrap();
+            (delivery, outbox)
+        }
+    }
+
+    /// Polls until the delivery has nothing more to send; returns where each write came
+    /// from and the seqs written.
+    fn drain(d: &mut Delivery) -> (Vec<Sent>, Vec<u64>) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut enc = Seqs::default();
+        let mut sources = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            match d.poll_send(&mut cx, &mut out, 1 << 20, 3, &mut enc) {
+                Poll::Ready(Ok(sent)) => sources.push(sent),
+                Poll::Ready(Err(code)) => panic!("closed with {code:?}"),
+                Poll::Pending => return (sources, enc.0),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_lags_then_catches_up_from_the_log_and_rejoins_live() {
+        let mut f = Fixture::new();
+        let (mut d, outbox) = f.consumer(4).await;
+        // Ten commits while the consumer takes nothing: four fit, then it lags.
+        f.publish(10).await;
+        assert!(outbox.is_lagging());
+        let (sources, seqs) = drain(&mut d);
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        assert_eq!(sources.first(), Some(&Sent::Live));
+        assert!(sources.contains(&Sent::Log));
+        // Caught up: the flag is cleared, the outbox empty, and live delivery is back.
+        assert!(!outbox.is_lagging());
+        assert_eq!(outbox.queued_frames(), 0);
+        f.publish(2).await;
+        let (sources, seqs) = drain(&mut d);
+        assert_eq!(seqs, vec![11, 12]);
+        assert!(sources.iter().all(|s| *s == Sent::Live));
+        f.close(d).await;
+    }
+
+    #[tokio::test]
+    async fn a_bounded_replay_goes_first_then_the_cursor_carries_on_where_it_was() {
+        let mut f = Fixture::new();
+        let (mut d, outbox) = f.consumer(100).await;
+        f.publish(5).await;
+        assert_eq!(drain(&mut d).1, vec![1, 2, 3, 4, 5]);
+        f.publish(2).await;
+        // Queued live batches (6, 7) are set aside for the replay and read back after it.
+        d.request_replay(1, Some(4)).unwrap();
+        let (_, seqs) = drain(&mut d);
+        assert_eq!(seqs, vec![2, 3, 6, 7]);
+        assert!(!outbox.is_lagging());
+        f.publish(1).await;
+        assert_eq!(drain(&mut d).1, vec![8]);
+        f.close(d).await;
+    }
+
+    #[tokio::test]
+    async fn an_open_replay_moves_the_cursor_with_no_gap_and_no_duplicate() {
+        let mut f = Fixture::new();
+        let (mut d, _) = f.consumer(100).await;
+        f.publish(6).await;
+        d.request_replay(3, None).unwrap();
+        // Whatever was queued live is dropped: the cursor now starts after 3.
+        assert_eq!(drain(&mut d).1, vec![4, 5, 6]);
+        // After the newest: nothing until a reading past it exists.
+        d.request_replay(8, None).unwrap();
+        assert_eq!(drain(&mut d).1, Vec::<u64>::new());
+        f.publish(3).await;
+        assert_eq!(drain(&mut d).1, vec![9]);
+        f.close(d).await;
+    }
+
+    #[tokio::test]
+    async fn replays_past_the_limit_are_refused() {
+        let f = Fixture::new();
+        let (mut d, _) = f.consumer(100).await;
+        for _ in 0..MAX_QUEUED_REPLAYS {
+            d.request_replay(0, Some(1)).unwrap();
+        }
+        assert_eq!(d.request_replay(0, Some(1)), Err(CloseCode::RateLimited));
+        f.close(d).await;
     }
 }

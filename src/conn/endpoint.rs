@@ -53,7 +53,7 @@ pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Byt
     let (id, kick) = ctx.open();
     let (inbox, deliveries) = ctx.topic_inbox(id, &kick);
     let far = Deadline::now() + Duration::from_secs(86_400 * 365);
-    let mut io = WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id);
+    let mut io = WsSocket::new(sock, &leftover, &ctx.limits, id);
     let mut st = State {
         id,
         kick,

@@ -52,6 +52,7 @@ pub struct Limits {
     pub stomp_max_pending_bytes: usize,
     pub stomp_max_unacked: usize,
     pub replay_chunk: usize,
+    pub consumer_stall_timeout: Duration,
     pub submit_rate_per_s: u32,
     pub endpoint_idle_timeout: Duration,
 }
@@ -74,6 +75,7 @@ impl From<&Config> for Limits {
             stomp_max_pending_bytes: c.stomp_max_pending_bytes,
             stomp_max_unacked: c.stomp_max_unacked,
             replay_chunk: c.replay_chunk,
+            consumer_stall_timeout: Duration::from_millis(c.consumer_stall_timeout_ms),
             submit_rate_per_s: c.submit_rate_per_s,
             endpoint_idle_timeout: Duration::from_millis(c.endpoint_idle_timeout_ms),
         }

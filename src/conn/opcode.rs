@@ -16,7 +16,7 @@ use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
-use super::delivery::{Delivery, Dispatch};
+use super::delivery::{Delivery, Dispatch, Sent};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::CLOSE_TIMEOUT;
 use super::{kicked, ConnCtx};
@@ -64,7 +64,7 @@ pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Byt
     let peer = sock.peer_addr().ok();
     let (id, kick) = ctx.open();
     let mut conn = Conn {
-        io: WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id),
+        io: WsSocket::new(sock, &leftover, &ctx.limits, id),
         st: State {
             id,
             kick,
@@ -151,32 +151,23 @@ impl Conn {
             let mut progress = false;
             let out = &mut self.io.out;
             if out.unsent() < WRITE_HIGH {
-                if st.delivery.replaying() {
-                    let chunk = st.ctx.limits.replay_chunk;
-                    if let Err(code) = st.delivery.replay_step(out.buf(), chunk, &mut Dispatch) {
-                        return Poll::Ready(Err(code.into()));
+                let chunk = st.ctx.limits.replay_chunk;
+                match st
+                    .delivery
+                    .poll_send(cx, out.buf(), WRITE_HIGH, chunk, &mut Dispatch)
+                {
+                    Poll::Ready(Ok(Sent::Live)) if !out.coalesced => {
+                        // Back of the run queue once before writing: commits from the
+                        // other streams' owners that are already runnable land in the
+                        // same write. (A self-wake is one round of the queue; `yield_now`
+                        // would wait for the worker to go idle.)
+                        out.coalesced = true;
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
-                    progress = true;
-                } else {
-                    match st
-                        .delivery
-                        .poll_live(cx, out.buf(), WRITE_HIGH, &mut Dispatch)
-                    {
-                        Poll::Ready(Ok(())) if !out.coalesced => {
-                            // Back of the run queue once before writing: commits from the
-                            // other streams' owners that are already runnable land in
-                            // the same write. (A self-wake is one round of the queue;
-                            // `yield_now` would wait for the worker to go idle.)
-                            out.coalesced = true;
-                            cx.waker().wake_by_ref();
-                            return Poll::Pending;
-                        }
-                        Poll::Ready(Ok(())) => progress = true,
-                        Poll::Ready(Err(_)) => {
-                            return Poll::Ready(Err(CloseCode::GoingAway.into()))
-                        }
-                        Poll::Pending => {}
-                    }
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(code)) => return Poll::Ready(Err(code.into())),
+                    Poll::Pending => {}
                 }
             }
             match self.io.poll_round(cx, st) {

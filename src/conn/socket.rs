@@ -9,16 +9,17 @@
 
 use bytes::{Buf, BytesMut};
 use fastwebsockets::OpCode;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::wire::{push_close, push_frame, FrameParser, Message, Parsed, ReadError, MAX_HEADER};
-use super::{CLOSE_TIMEOUT, REPLY_BACKLOG};
+use super::{Limits, CLOSE_TIMEOUT, REPLY_BACKLOG};
 use crate::frontend::CloseCode;
 
 /// Bytes read per wake-up into the stack buffer.
@@ -109,20 +110,53 @@ pub struct WsSocket {
     /// After our close frame: only the client's close matters.
     closing: bool,
     id: u64,
+    stall: Stall,
+}
+
+/// The "reads nothing" deadline: armed when a write finds the socket full, disarmed by the
+/// next write that moves a byte. Armed and disarmed on those transitions only, so a busy
+/// connection does not touch the timer per write.
+struct Stall {
+    after: Duration,
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
+}
+
+impl Stall {
+    fn new(after: Duration) -> Self {
+        Self {
+            after,
+            timer: Box::pin(sleep_until(Instant::now() + after)),
+            armed: false,
+        }
+    }
+
+    fn blocked(&mut self) {
+        if !self.armed {
+            self.armed = true;
+            let at = Instant::now() + self.after;
+            self.timer.as_mut().reset(at);
+        }
+    }
+
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        self.armed && self.timer.as_mut().poll(cx).is_ready()
+    }
 }
 
 impl WsSocket {
     /// `leftover` holds bytes the client sent right behind its upgrade request.
-    pub fn new(sock: TcpStream, leftover: &[u8], max_frame_bytes: usize, id: u64) -> Self {
+    pub fn new(sock: TcpStream, leftover: &[u8], limits: &Limits, id: u64) -> Self {
         Self {
             sock,
-            parser: FrameParser::new(max_frame_bytes),
+            parser: FrameParser::new(limits.max_frame_bytes),
             parse_buffered: !leftover.is_empty(),
             rbuf: BytesMut::from(leftover),
             need: 0,
             out: Out::default(),
             closing: false,
             id,
+            stall: Stall::new(limits.consumer_stall_timeout),
         }
     }
 
@@ -139,6 +173,15 @@ impl WsSocket {
         handler: &mut H,
     ) -> Poll<Result<Option<H::Wait>, End>> {
         let mut progress = false;
+        if self.stall.expired(cx) {
+            crate::metrics::handles().slow_consumer_closes.increment(1);
+            tracing::info!(
+                conn = self.id,
+                unsent = self.out.unsent(),
+                "client reads nothing"
+            );
+            return Poll::Ready(Err(CloseCode::TooSlow.into()));
+        }
         if self.parse_buffered {
             self.parse_buffered = false;
             if let Some(wait) = self.parse_rbuf(handler)? {
@@ -179,9 +222,17 @@ impl WsSocket {
         if out.unsent() == 0 {
             return Poll::Pending;
         }
-        match ready!(Pin::new(&mut self.sock).poll_write(cx, &out.buf[out.at..])) {
-            Ok(0) | Err(_) => return Poll::Ready(Err(())),
-            Ok(n) => out.at += n,
+        let written = Pin::new(&mut self.sock).poll_write(cx, &out.buf[out.at..]);
+        match written {
+            Poll::Pending => {
+                self.stall.blocked();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(())),
+            Poll::Ready(Ok(n)) => {
+                out.at += n;
+                self.stall.armed = false;
+            }
         }
         if out.unsent() == 0 {
             if out.backed_up() {

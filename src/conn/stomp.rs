@@ -173,7 +173,7 @@ pub(super) async fn run(
     m.stomp_connections.increment(1.0);
     let (id, kick) = ctx.open();
     let (inbox, deliveries) = ctx.topic_inbox(id, &kick);
-    let mut io = WsSocket::new(sock, &leftover, ctx.limits.max_frame_bytes, id);
+    let mut io = WsSocket::new(sock, &leftover, &ctx.limits, id);
     let mut st = State {
         id,
         kick,
@@ -337,24 +337,27 @@ impl State {
             destination: &stream.destination,
             scratch: &mut self.scratch,
         };
-        if stream.delivery.replaying() {
-            let chunk = self.ctx.limits.replay_chunk;
-            return Poll::Ready(
-                stream
-                    .delivery
-                    .replay_step(out.buf(), chunk, &mut enc)
-                    .map_err(End::from),
-            );
-        }
-        match stream
+        let chunk = self.ctx.limits.replay_chunk;
+        let code = match stream
             .delivery
-            .poll_live(cx, out.buf(), WRITE_HIGH, &mut enc)
+            .poll_send(cx, out.buf(), WRITE_HIGH, chunk, &mut enc)
         {
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-            // The stream is closing (shutdown).
-            Poll::Ready(Err(_)) => Poll::Ready(Err(CloseCode::GoingAway.into())),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(_)) => return Poll::Ready(Ok(())),
+            Poll::Ready(Err(code)) => code,
+            Poll::Pending => return Poll::Pending,
+        };
+        let error = match code {
+            CloseCode::BehindRetention => Some((
+                StompError::Slow,
+                "fell behind retention: readings not yet sent were removed",
+            )),
+            CloseCode::Internal => Some((StompError::Internal, "reading the stream failed")),
+            _ => None,
+        };
+        if let Some((reason, message)) = error {
+            self.error(out, reason, message, None);
         }
+        Poll::Ready(Err(code.into()))
     }
 
     /// Subscribes to the developer's stream; a replay from `replay-after` goes first, then

@@ -37,13 +37,19 @@ pub enum CloseCode {
     /// 4008: too many frames (SUBMIT rate limit, or replies left unread). Client: slow
     /// down, reconnect after a pause.
     RateLimited,
-    /// 4009: a consumer read too slowly and its bounded queue filled. Client: reconnect and
-    /// REPLAY from the last seq processed; nothing is lost.
+    /// 4009: the client read nothing for `consumer_stall_timeout_ms` while data waited
+    /// (or a live-topic subscriber's queue stayed full). A consumer that reads slowly is
+    /// not closed: it falls behind and catches up from the log. Client: reconnect and
+    /// REPLAY from the last seq processed; nothing is lost, the stream is durable.
     TooSlow,
+    /// 4010: a consumer catching up from the log fell behind retention: readings it had not
+    /// been sent were removed. Client: what it missed is gone from the stream; resync from
+    /// the system of record, then reconnect and REPLAY `after: 0` (what is still kept).
+    BehindRetention,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 14] = [
+    pub const ALL: [CloseCode; 15] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::Protocol,
@@ -58,6 +64,7 @@ impl CloseCode {
         CloseCode::HeartbeatMissed,
         CloseCode::RateLimited,
         CloseCode::TooSlow,
+        CloseCode::BehindRetention,
     ];
 
     pub fn code(self) -> u16 {
@@ -76,6 +83,7 @@ impl CloseCode {
             CloseCode::HeartbeatMissed => 4005,
             CloseCode::RateLimited => 4008,
             CloseCode::TooSlow => 4009,
+            CloseCode::BehindRetention => 4010,
         }
     }
 
@@ -96,6 +104,7 @@ impl CloseCode {
             CloseCode::HeartbeatMissed => "Heartbeat missed",
             CloseCode::RateLimited => "Rate limited",
             CloseCode::TooSlow => "Consumer too slow",
+            CloseCode::BehindRetention => "Consumer fell behind retention",
         }
     }
 }

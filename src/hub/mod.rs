@@ -8,9 +8,11 @@
 //! front-end: what goes in and out are the value types in [`types`].
 //!
 //! Full-queue policies: a producer waits for room in its stream's queue
-//! (`publish_queue_max`), which pushes back through TCP; a consumer whose outbox would pass
-//! `consumer_queue_max` frames or `CONSUMER_QUEUE_MAX_BYTES` is kicked with
-//! [`KickReason::TooSlow`] (close 4009) and the rest carry on.
+//! (`publish_queue_max`), which pushes back through TCP; a stream consumer whose outbox
+//! would pass `consumer_queue_max` frames or `CONSUMER_QUEUE_MAX_BYTES` is marked lagging
+//! and catches up from the log (its connection closes it only when it stops reading for
+//! `consumer_stall_timeout_ms`, or falls behind retention); a live-topic subscriber whose
+//! inbox is full is kicked with [`KickReason::TooSlow`] (close 4009) and the rest carry on.
 
 pub mod chat;
 pub mod endpoints;
@@ -34,8 +36,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Durability};
 use crate::log::{LogError, Store};
 
-/// Bytes a consumer's outbox may hold, beside the frame bound.
-pub const CONSUMER_QUEUE_MAX_BYTES: usize = 64 << 20;
+/// Bytes a stream consumer's outbox may hold, beside the frame bound; past either it
+/// catches up from the log, so this is what a lagging consumer costs at most.
+pub const CONSUMER_QUEUE_MAX_BYTES: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -172,6 +175,7 @@ impl Hub {
                 let shared = Arc::new(stream::Shared {
                     id: key,
                     log,
+                    durable: AtomicU64::new(recovered.next_seq - 1),
                     failed_until_ms: AtomicU64::new(0),
                 });
                 let owner = stream::Owner {
@@ -206,13 +210,7 @@ impl Hub {
         let mut removed = 0;
         for name in self.inner.store.stream_names() {
             let log = self.inner.store.open_stream(&name)?;
-            let through = if c.retention_max_per_stream == 0 {
-                0
-            } else {
-                let tail = log.recover()?.next_seq - 1;
-                tail.saturating_sub(c.retention_max_per_stream)
-            };
-            removed += log.trim(through, older_than)?;
+            removed += log.trim(c.retention_max_per_stream, older_than)?;
         }
         if removed > 0 {
             crate::metrics::handles()

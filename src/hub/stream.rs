@@ -1,9 +1,21 @@
-//! One developer stream: its owner task, the only place its seqs are assigned.
+//! One developer stream: its owner task, the only place its seqs are assigned, and the
+//! stream's durable mark.
 //!
 //! The owner takes commands from a bounded queue, in order: publishes become a group commit
 //! (seq assignment, one log append, a commit in strict durability) and then one shared
 //! [`Batch`] offered to every subscriber. Subscribers live in the owner's own `Vec`: no lock
 //! is taken on the way from a SUBMIT to the outboxes.
+//!
+//! **The durable mark** is the highest seq that is as durable as the mode promises: in
+//! `strict`, synced by the group commit that holds it; in `fast`, appended (its seq reserved
+//! durably beforehand). The owner raises it, and only then offers the batch to live
+//! subscribers; every read of the log through [`StreamHandle::read`] stops at it. So no
+//! reader — live delivery, REPLAY, a consumer catching up, a STOMP `replay-after` — ever
+//! sees a reading a crash could take back or give to another seq.
+//!
+//! A subscriber whose outbox is full is not closed: it is marked lagging and skipped
+//! ([`Outbox::offer_or_lag`]); its connection catches up from the log and rejoins. A slow
+//! consumer never slows the owner down.
 
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::types::{Batch, Kick, Outbox, Publish};
 use super::HubError;
 use crate::config::Durability;
-use crate::log::{Entry, LogError, Store, StreamLog};
+use crate::log::{Entry, LogError, ReadLimit, Store, StreamLog};
 
 /// Seqs reserved at a time in fast durability; one extra flush per block.
 const SEQ_BLOCK: u64 = 1 << 16;
@@ -50,6 +62,8 @@ pub(super) enum Command {
 pub(super) struct Shared {
     pub id: Arc<str>,
     pub log: Arc<dyn StreamLog>,
+    /// The durable mark (see the module doc): raised by the owner before it dispatches.
+    pub durable: AtomicU64,
     /// Unix ms until which publishes are refused after a store failure.
     pub failed_until_ms: AtomicU64,
 }
@@ -109,18 +123,34 @@ impl StreamHandle {
         let _ = self.tx.send(Command::Unsubscribe(id)).await;
     }
 
-    /// Reads stored readings with `after < seq < before` (at most `max`) for REPLAY.
+    /// Reads stored readings with `after < seq < before`, up to `limit`, never past the
+    /// durable mark: the one way anything reads the stream.
     pub fn read(
         &self,
         after: u64,
         before: u64,
-        max: usize,
+        limit: ReadLimit,
         out: &mut Vec<Entry>,
     ) -> Result<(), HubError> {
+        // SeqCst pairs with the owner's store of the mark before it reads a subscriber's
+        // lagging flag: a consumer that clears its flag and then reads here sees every
+        // batch the owner skipped while the flag was set.
+        let mark = self.shared.durable.load(Ordering::SeqCst);
+        let before = before.min(mark.saturating_add(1));
         self.shared
             .log
-            .read(after, before, max, out)
+            .read(after, before, limit, out)
             .map_err(HubError::Store)
+    }
+
+    /// The durable mark: the newest seq any reader may see.
+    pub fn durable_mark(&self) -> u64 {
+        self.shared.durable.load(Ordering::SeqCst)
+    }
+
+    /// The lowest seq still kept: retention removed everything below it.
+    pub fn first_seq(&self) -> u64 {
+        self.shared.log.first_seq()
     }
 }
 
@@ -190,6 +220,8 @@ impl Owner {
                 }
             }
             self.next = last + 1;
+            // The mark first, then the subscribers: see `StreamHandle::read`.
+            self.shared.durable.store(last, Ordering::SeqCst);
             metrics.readings_stored.increment(frames.len() as u64);
             metrics.commit_readings.record(frames.len() as f64);
             let bytes = frames.iter().map(Bytes::len).sum();
@@ -279,7 +311,7 @@ fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
     let n = batch.frames.len();
     subs.retain(|s| {
         s.outbox
-            .offer(&s.kick, &s.tx, batch.clone(), n, batch.bytes, s.id)
+            .offer_or_lag(&s.kick, &s.tx, batch.clone(), n, batch.bytes, s.id)
     });
 }
 

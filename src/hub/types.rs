@@ -4,7 +4,7 @@
 //! for the seq, a [`Batch`] is a run of encoded frames with consecutive seqs.
 
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -146,6 +146,12 @@ impl Kick {
         self.reason.load(Ordering::Acquire) != 0
     }
 
+    /// Wakes the connection without ending it, so it looks at what changed (its outbox
+    /// went lagging, say).
+    pub fn nudge(&self) {
+        self.waker.wake();
+    }
+
     /// Ready once kicked; otherwise wakes the task of `cx` when it is.
     pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<KickReason> {
         if let Some(r) = self.reason() {
@@ -161,12 +167,17 @@ impl Kick {
 
 /// The bound on one subscriber's queue, counted in frames and bytes: the hub adds what it
 /// queues, the connection subtracts what it has taken into its write buffer.
+///
+/// For a stream consumer it also carries the cursor's switch: while `lagging` is set the
+/// stream's owner skips this subscriber, and the connection reads what it missed from the
+/// log instead (`conn::delivery`).
 #[derive(Debug)]
 pub struct Outbox {
     frames: AtomicUsize,
     bytes: AtomicUsize,
     max_frames: usize,
     max_bytes: usize,
+    lagging: AtomicBool,
 }
 
 impl Outbox {
@@ -176,6 +187,7 @@ impl Outbox {
             bytes: AtomicUsize::new(0),
             max_frames,
             max_bytes,
+            lagging: AtomicBool::new(false),
         })
     }
 
@@ -217,11 +229,66 @@ impl Outbox {
             kick.kick(KickReason::TooSlow);
             return false;
         }
+        self.send_claimed(tx, item, frames, bytes)
+    }
+
+    /// The stream consumers' policy: queue `item` if there is room; if not, mark the
+    /// subscriber lagging (it catches up from the log) and skip it until it clears the mark
+    /// itself. Nothing is dropped: every skipped batch is in the log below the durable mark.
+    /// False only when the subscriber is gone (kicked or disconnected).
+    pub fn offer_or_lag<T>(
+        &self,
+        kick: &Kick,
+        tx: &mpsc::UnboundedSender<T>,
+        item: T,
+        frames: usize,
+        bytes: usize,
+        conn: u64,
+    ) -> bool {
+        if kick.is_kicked() {
+            return false;
+        }
+        if self.lagging.load(Ordering::SeqCst) {
+            return true;
+        }
+        if !self.try_claim(frames, bytes) {
+            self.lagging.store(true, Ordering::SeqCst);
+            crate::metrics::handles().consumer_lags.increment(1);
+            tracing::debug!(
+                conn,
+                queued = self.queued_frames(),
+                "consumer behind; it catches up from the log"
+            );
+            kick.nudge();
+            return true;
+        }
+        self.send_claimed(tx, item, frames, bytes)
+    }
+
+    /// Sends what room was claimed for; a receiver that is gone gives the room back.
+    fn send_claimed<T>(
+        &self,
+        tx: &mpsc::UnboundedSender<T>,
+        item: T,
+        frames: usize,
+        bytes: usize,
+    ) -> bool {
         if tx.send(item).is_err() {
             self.release(frames, bytes);
             return false;
         }
         true
+    }
+
+    /// True while the stream's owner skips this subscriber.
+    pub fn is_lagging(&self) -> bool {
+        self.lagging.load(Ordering::SeqCst)
+    }
+
+    /// Set by the connection when it stops taking live batches (a REPLAY runs) and cleared
+    /// when it rejoins; see [`Outbox::offer_or_lag`].
+    pub fn set_lagging(&self, lagging: bool) {
+        self.lagging.store(lagging, Ordering::SeqCst);
     }
 
     pub fn release(&self, frames: usize, bytes: usize) {
@@ -268,6 +335,32 @@ mod tests {
         assert!(!o.try_claim(1, 1));
         o.release(1, 150);
         assert_eq!(o.queued_frames(), 0);
+    }
+
+    #[test]
+    fn a_full_outbox_lags_instead_of_kicking() {
+        let o = Outbox::new(2, 1 << 20);
+        let kick = Kick::new();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        assert!(o.offer_or_lag(&kick, &tx, 1, 1, 1, 7));
+        assert!(o.offer_or_lag(&kick, &tx, 2, 1, 1, 7));
+        // Full: marked lagging and skipped, but kept.
+        assert!(o.offer_or_lag(&kick, &tx, 3, 1, 1, 7));
+        assert!(o.is_lagging());
+        assert!(!kick.is_kicked());
+        // Room again does not end the lag: only the connection does, once caught up.
+        o.release(2, 2);
+        assert!(o.offer_or_lag(&kick, &tx, 4, 1, 1, 7));
+        assert_eq!(
+            std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        o.set_lagging(false);
+        assert!(o.offer_or_lag(&kick, &tx, 5, 1, 1, 7));
+        assert_eq!(rx.try_recv().ok(), Some(5));
+        // A kicked subscriber is dropped.
+        kick.kick(KickReason::Duplicate);
+        assert!(!o.offer_or_lag(&kick, &tx, 6, 1, 1, 7));
     }
 
     #[test]

@@ -45,9 +45,18 @@ pub struct Entry {
     pub frame: Bytes,
 }
 
+/// How much one [`StreamLog::read`] may return.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimit {
+    pub entries: usize,
+    /// Frame bytes; the first entry is returned whatever its size.
+    pub bytes: usize,
+}
+
 /// A whole store: opens streams and makes their appends durable together (group commit).
 pub trait Store: Send + Sync + 'static {
-    /// Opens (or creates) the log of one stream.
+    /// Opens (or creates) the log of one stream; the same name gives the same log, so the
+    /// stream's owner and retention see one state.
     fn open_stream(&self, stream: &str) -> Result<Arc<dyn StreamLog>, LogError>;
     /// Requests that every append made so far becomes durable. The receiver resolves once it
     /// is; many requests in flight share one flush.
@@ -68,15 +77,23 @@ pub trait StreamLog: Send + Sync + 'static {
     /// Records that seqs up to `through` may be handed out before their readings are durable,
     /// so that no seq is reused after a crash. Durable after the next [`Store::commit`].
     fn reserve(&self, through: u64) -> Result<(), LogError>;
-    /// Reads up to `max` entries with `after < seq < before`, in seq order, into `out`.
+    /// Reads entries with `after < seq < before`, in seq order, into `out`: at most `max` of
+    /// them and, past the first, at most `max_bytes` of frames. Sees every append, durable
+    /// or not: holding readers at the durable mark is the caller's job (the stream's owner
+    /// knows the mark; see `hub::stream`).
     fn read(
         &self,
         after: u64,
         before: u64,
-        max: usize,
+        limit: ReadLimit,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError>;
-    /// Removes whole batches whose readings are all at or below `through_seq` or older than
-    /// `older_than_ms`; returns how many readings went.
-    fn trim(&self, through_seq: u64, older_than_ms: u64) -> Result<u64, LogError>;
+    /// The lowest seq a read can still return: everything below it was removed by
+    /// retention (or never existed).
+    fn first_seq(&self) -> u64;
+    /// Retention: removes whole stored records whose readings all lie more than
+    /// `keep_last` readings below the newest stored seq (0: no count limit) or are older
+    /// than `older_than_ms`; returns how many readings went. Counted from seqs actually
+    /// stored, never from reserved ones.
+    fn trim(&self, keep_last: u64, older_than_ms: u64) -> Result<u64, LogError>;
 }

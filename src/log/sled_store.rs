@@ -13,16 +13,16 @@
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::commit::Committer;
 use super::record::{decode_batch, encode_batch, header};
-use super::{Entry, LogError, Recovered, Store, StreamLog};
+use super::{Entry, LogError, ReadLimit, Recovered, Store, StreamLog};
 use crate::config::Durability;
 
 const STREAM_PREFIX: &str = "stream/";
@@ -36,6 +36,8 @@ pub struct SledStore {
     meta: sled::Tree,
     committer: Committer,
     pending: Arc<Pending>,
+    /// Every stream opened so far: one tail per stream, whoever opens it.
+    streams: Mutex<HashMap<String, Arc<SledStream>>>,
 }
 
 /// The streams whose tails hold appends not yet in sled.
@@ -180,15 +182,25 @@ impl SledStore {
             meta,
             committer,
             pending,
+            streams: Mutex::new(HashMap::new()),
         })
     }
 }
 
 impl Store for SledStore {
     fn open_stream(&self, stream: &str) -> Result<Arc<dyn StreamLog>, LogError> {
+        let mut streams = self.streams.lock();
+        if let Some(log) = streams.get(stream) {
+            return Ok(log.clone());
+        }
         let tree = self.db.open_tree(format!("{STREAM_PREFIX}{stream}"))?;
-        Ok(Arc::new(SledStream {
+        let first = match tree.first()? {
+            Some((key, _)) => key_seq(stream, &key)?,
+            None => 1,
+        };
+        let log = Arc::new(SledStream {
             name: stream.to_owned(),
+            first: AtomicU64::new(first),
             tail: Arc::new(Tail {
                 tree: tree.clone(),
                 batches: Mutex::new(VecDeque::new()),
@@ -200,7 +212,9 @@ impl Store for SledStore {
             meta: self.meta.clone(),
             reserved_key: format!("reserved/{stream}").into_bytes(),
             dirty: self.committer.dirty.clone(),
-        }))
+        });
+        streams.insert(stream.to_owned(), log.clone());
+        Ok(log)
     }
 
     fn commit(&self) -> oneshot::Receiver<Result<(), LogError>> {
@@ -229,6 +243,8 @@ impl Store for SledStore {
 
 struct SledStream {
     name: String,
+    /// The lowest seq a read can return; raised by retention.
+    first: AtomicU64,
     tree: sled::Tree,
     tail: Arc<Tail>,
     pending: Arc<Pending>,
@@ -243,10 +259,10 @@ impl SledStream {
         &self,
         start: u64,
         before: u64,
-        max: usize,
+        limit: &mut Budget,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
-        if start >= before {
+        if start >= before || limit.spent() {
             return Ok(());
         }
         // The record holding `start` begins at or before it.
@@ -254,7 +270,6 @@ impl SledStream {
             Some(item) => self.key_seq(&item?.0)?,
             None => 0,
         };
-        let mut taken = 0;
         for item in self.tree.range(from.to_be_bytes()..) {
             let (key, value) = item?;
             let first = self.key_seq(&key)?;
@@ -268,11 +283,10 @@ impl SledStream {
                 if seq < start {
                     continue;
                 }
-                if seq >= before || taken == max {
+                if seq >= before || !limit.take(frame.len()) {
                     return Ok(());
                 }
                 out.push(Entry { seq, frame });
-                taken += 1;
             }
         }
         Ok(())
@@ -286,22 +300,69 @@ impl SledStream {
     }
 
     fn key_seq(&self, key: &[u8]) -> Result<u64, LogError> {
-        key.try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| self.corrupt(0))
+        key_seq(&self.name, key)
+    }
+
+    /// The newest seq stored (tail included), if any.
+    fn last_stored(&self) -> Result<Option<u64>, LogError> {
+        if let Some((first, _, frames)) = self.tail.batches.lock().back() {
+            return Ok(Some(first + frames.len() as u64 - 1));
+        }
+        match self.tree.last()? {
+            Some((key, value)) => {
+                let first = self.key_seq(&key)?;
+                let head = header(&value).ok_or_else(|| self.corrupt(first))?;
+                Ok(Some(first + u64::from(head.count).saturating_sub(1)))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn key_seq(stream: &str, key: &[u8]) -> Result<u64, LogError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| LogError::Corrupt {
+            stream: stream.to_owned(),
+            seq: 0,
+        })
+}
+
+/// What is left of a [`ReadLimit`] while a read fills its output.
+struct Budget {
+    entries: usize,
+    bytes: usize,
+    taken: usize,
+}
+
+impl Budget {
+    fn new(limit: ReadLimit) -> Self {
+        Self {
+            entries: limit.entries,
+            bytes: limit.bytes,
+            taken: 0,
+        }
+    }
+
+    fn spent(&self) -> bool {
+        self.entries == 0 || (self.taken > 0 && self.bytes == 0)
+    }
+
+    /// Takes one entry of `len` bytes if the limit allows it.
+    fn take(&mut self, len: usize) -> bool {
+        if self.entries == 0 || (self.taken > 0 && len > self.bytes) {
+            return false;
+        }
+        self.entries -= 1;
+        self.bytes = self.bytes.saturating_sub(len);
+        self.taken += 1;
+        true
     }
 }
 
 impl StreamLog for SledStream {
     fn recover(&self) -> Result<Recovered, LogError> {
-        let stored_last = match self.tree.last()? {
-            Some((key, value)) => {
-                let first = self.key_seq(&key)?;
-                let head = header(&value).ok_or_else(|| self.corrupt(first))?;
-                first + u64::from(head.count).saturating_sub(1)
-            }
-            None => 0,
-        };
+        let stored_last = self.last_stored()?.unwrap_or(0);
         let reserved = match self.meta.get(&self.reserved_key)? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
@@ -337,23 +398,25 @@ impl StreamLog for SledStream {
         &self,
         after: u64,
         before: u64,
-        max: usize,
+        limit: ReadLimit,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
         let Some(start) = after.checked_add(1) else {
             return Ok(());
         };
-        if start >= before || max == 0 {
+        let start = start.max(self.first.load(Ordering::Acquire));
+        if start >= before || limit.entries == 0 {
             return Ok(());
         }
         // The tail first: whatever leaves it before sled is read below is in sled by then.
+        // Its entries are counted against the limit only after sled's, which come first.
         let mut from_tail = Vec::new();
         let tail_first = {
             let tail = self.tail.batches.lock();
             'batches: for (first, _, frames) in tail.iter() {
                 for (i, frame) in frames.iter().enumerate() {
                     let seq = first + i as u64;
-                    if seq >= before || from_tail.len() == max {
+                    if seq >= before || from_tail.len() == limit.entries {
                         break 'batches;
                     }
                     if seq >= start {
@@ -367,16 +430,32 @@ impl StreamLog for SledStream {
             tail.front().map(|(first, _, _)| *first)
         };
         let stored_before = tail_first.map_or(before, |t| before.min(t));
-        let taken = out.len();
-        self.read_stored(start, stored_before, max, out)?;
-        let room = max - (out.len() - taken);
-        out.extend(from_tail.into_iter().take(room));
+        let mut budget = Budget::new(limit);
+        self.read_stored(start, stored_before, &mut budget, out)?;
+        for entry in from_tail {
+            if !budget.take(entry.frame.len()) {
+                break;
+            }
+            out.push(entry);
+        }
         Ok(())
     }
 
-    fn trim(&self, through_seq: u64, older_than_ms: u64) -> Result<u64, LogError> {
+    fn first_seq(&self) -> u64 {
+        self.first.load(Ordering::Acquire)
+    }
+
+    fn trim(&self, keep_last: u64, older_than_ms: u64) -> Result<u64, LogError> {
         // Retention counts whole stored records; the tail becomes one first.
         self.tail.move_to_sled()?;
+        let Some(newest) = self.last_stored()? else {
+            return Ok(0);
+        };
+        let through_seq = if keep_last == 0 {
+            0
+        } else {
+            newest.saturating_sub(keep_last)
+        };
         let mut removed = 0u64;
         for item in self.tree.iter() {
             let (key, value) = item?;
@@ -386,6 +465,8 @@ impl StreamLog for SledStream {
             if last > through_seq && head.ts_ms >= older_than_ms {
                 break;
             }
+            // Readers stop below the new floor before the record goes.
+            self.first.fetch_max(last + 1, Ordering::AcqRel);
             self.tree.remove(&key)?;
             removed += u64::from(head.count);
         }
@@ -408,7 +489,11 @@ mod tests {
 
     fn seqs(log: &dyn StreamLog, after: u64, before: u64, max: usize) -> Vec<u64> {
         let mut out = Vec::new();
-        log.read(after, before, max, &mut out).unwrap();
+        let limit = ReadLimit {
+            entries: max,
+            bytes: usize::MAX,
+        };
+        log.read(after, before, limit, &mut out).unwrap();
         for e in &out {
             assert_eq!(e.frame, Bytes::from(format!("f{}", e.seq)));
         }
@@ -460,9 +545,12 @@ mod tests {
         // A reservation beyond the tail wins: seqs handed out in fast mode are never reused.
         log.reserve(1000).unwrap();
         assert_eq!(log.recover().unwrap().next_seq, 1001);
-        // Trim by count keeps whole records (one per commit here): seqs 1..=3 go, 4..=7 stay.
-        assert_eq!(log.trim(5, 0).unwrap(), 3);
+        // Trim by count keeps whole records (one per commit here): keeping the last 2
+        // readings keeps their record, so seqs 1..=3 go, 4..=7 stay. The reservation does
+        // not count.
+        assert_eq!(log.trim(2, 0).unwrap(), 3);
         assert_eq!(seqs(&*log, 0, u64::MAX, 100), vec![4, 5, 6, 7]);
+        assert_eq!(log.first_seq(), 4);
         // Trim by age.
         assert_eq!(log.trim(0, 201).unwrap(), 4);
         assert!(seqs(&*log, 0, u64::MAX, 100).is_empty());
@@ -480,9 +568,61 @@ mod tests {
         log.append(10, 100, &frames(10, 2)).unwrap();
         store.commit().await.unwrap().unwrap();
         assert_eq!(seqs(&*log, 0, u64::MAX, 100), vec![1, 2, 10, 11]);
-        // Two records: trimming through seq 2 removes exactly the first.
-        assert_eq!(log.trim(2, 0).unwrap(), 2);
+        // Two records: keeping the last 9 seqs (3..=11) removes exactly the first.
+        assert_eq!(log.trim(9, 0).unwrap(), 2);
         assert_eq!(seqs(&*log, 0, u64::MAX, 100), vec![10, 11]);
+        store.close().unwrap();
+    }
+
+    /// Fast durability reserves seqs a block ahead of the newest reading; retention by
+    /// count must count from what is stored, or it removes the whole stream.
+    #[tokio::test]
+    async fn fast_mode_retention_counts_stored_seqs_not_reserved_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let log = store.open_stream("acme").unwrap();
+        log.reserve(20_000 + (1 << 16)).unwrap();
+        for first in (1..=20_000).step_by(1000) {
+            log.append(first, 100, &frames(first, 1000)).unwrap();
+            store.commit().await.unwrap().unwrap();
+        }
+        // Retention sees the same log as the owner, whoever opens it.
+        let again = store.open_stream("acme").unwrap();
+        assert_eq!(again.trim(10_000, 0).unwrap(), 10_000);
+        let kept = seqs(&*log, 0, u64::MAX, 100_000);
+        assert_eq!(kept, (10_001..=20_000).collect::<Vec<_>>());
+        assert_eq!(log.first_seq(), 10_001);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn reads_stop_at_their_byte_limit_but_return_at_least_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let log = store.open_stream("acme").unwrap();
+        log.append(1, 100, &frames(1, 5)).unwrap();
+        store.commit().await.unwrap().unwrap();
+        log.append(6, 100, &frames(6, 5)).unwrap();
+        let mut out = Vec::new();
+        let limit = ReadLimit {
+            entries: 100,
+            bytes: 5,
+        };
+        // Each frame is "fN": 2 bytes, so two fit in 5 bytes, from sled and from the tail.
+        log.read(0, u64::MAX, limit, &mut out).unwrap();
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+        out.clear();
+        log.read(4, u64::MAX, limit, &mut out).unwrap();
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+        out.clear();
+        let tiny = ReadLimit {
+            entries: 100,
+            bytes: 0,
+        };
+        log.read(7, u64::MAX, tiny, &mut out).unwrap();
+        assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8]);
         store.close().unwrap();
     }
 }

@@ -194,11 +194,42 @@ pub enum Closed {
     Abrupt,
 }
 
+/// A WebSocket over a socket with a small receive window: a client that stops reading fills
+/// the server's socket after a few hundred KB instead of the tens of MB loopback's
+/// autotuning would take.
+pub async fn connect_small_window(url: &str) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let req = url.into_client_request().unwrap();
+    let addr: SocketAddr = req.uri().authority().unwrap().as_str().parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(req, stream)
+        .await
+        .expect("upgrade");
+    ws
+}
+
 impl Client {
     pub async fn connect(addr: SocketAddr) -> Self {
         let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/connect"))
             .await
             .expect("upgrade");
+        Self::hello(ws).await
+    }
+
+    /// A consumer that can stop reading: see [`connect_small_window`].
+    pub async fn consumer_small_window(addr: SocketAddr, token: &str) -> Self {
+        let ws = connect_small_window(&format!("ws://{addr}/connect")).await;
+        let mut c = Self::hello(ws).await;
+        c.send(&format!(r#"{{"op":3,"d":{{"token":"{token}","type":1}}}}"#))
+            .await;
+        assert_eq!(c.recv().await, r#"{"op":4}"#);
+        c
+    }
+
+    async fn hello(ws: Ws) -> Self {
         let mut c = Self { ws };
         let hello = c.recv_json().await;
         assert_eq!(hello["op"], 2, "HELLO first: {hello}");
@@ -322,6 +353,58 @@ impl Process {
     pub fn kill9(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+}
+
+/// A test that fails half-way leaves no server behind.
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A slow disk for a running process: strace delays every write and sync by 150 ms, so a
+/// test can land REPLAYs and a kill -9 inside a group commit instead of hoping to.
+pub struct SlowDisk {
+    child: std::process::Child,
+}
+
+impl SlowDisk {
+    /// Attaches to `pid` and every thread it has or starts; returns once attached.
+    pub async fn attach(pid: u32) -> Self {
+        let child = std::process::Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-p", &pid.to_string()])
+            .args(["-e", "trace=pwrite64,fdatasync,fsync"])
+            .args(["-e", "inject=pwrite64,fdatasync,fsync:delay_enter=150000"])
+            .spawn()
+            .expect("strace runs (Debian package strace; .ci/run installs it)");
+        let status = format!("/proc/{pid}/status");
+        let started = std::time::Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let traced = text
+                .lines()
+                .find_map(|l| l.strip_prefix("TracerPid:"))
+                .is_some_and(|v| v.trim() != "0");
+            if traced {
+                break;
+            }
+            assert!(started.elapsed() < WAIT, "strace did not attach");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // -f reaches the other threads a moment after the first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Self { child }
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
