@@ -5,7 +5,10 @@
 //! first moves the streams' in-memory tails into sled, then flushes and syncs. In fast
 //! durability the same thread also flushes on a timer whenever something was appended.
 
+use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -29,6 +32,7 @@ impl Committer {
     /// Starts the flush thread. `interval` is the timed flush of fast durability.
     pub(super) fn start(
         db: sled::Db,
+        dir: PathBuf,
         data_file: File,
         interval: Option<Duration>,
         pending: Arc<Pending>,
@@ -38,6 +42,8 @@ impl Committer {
         let store = Flush {
             db,
             data_file,
+            blobs: dir.join("blobs"),
+            synced_blobs: HashSet::new(),
             dirty: dirty.clone(),
             pending,
         };
@@ -80,11 +86,15 @@ impl Committer {
 struct Flush {
     db: sled::Db,
     data_file: File,
+    /// sled's directory of values too large for its log.
+    blobs: PathBuf,
+    /// Blob files already synced.
+    synced_blobs: HashSet<OsString>,
     dirty: Arc<AtomicBool>,
     pending: Arc<Pending>,
 }
 
-fn run(store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>) {
+fn run(mut store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>) {
     let mut waiters: Vec<Waiter> = Vec::new();
     loop {
         let first = match interval {
@@ -124,15 +134,48 @@ fn run(store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>) {
 impl Flush {
     /// sled's own flush uses `sync_file_range`, which neither writes metadata nor flushes the
     /// device cache; the explicit `fdatasync` of its data file is what survives a power cut.
-    fn flush(&self) -> Result<(), LogError> {
+    fn flush(&mut self) -> Result<(), LogError> {
         self.dirty.store(false, Ordering::Release);
         self.pending.move_all()?;
         let started = Instant::now();
         self.db.flush()?;
         self.data_file.sync_data()?;
+        self.sync_blobs()?;
         crate::metrics::handles()
             .fsync_seconds
             .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// sled writes a value too large for its log (a reading near `max_frame_bytes`, whose
+    /// leaf then outgrows a quarter segment) to a file of its own and never syncs it or its
+    /// directory; the commit depends on it, so it is synced here. Records are sized so that
+    /// this is rare (see `sled_store`); when nothing new is there it costs one `readdir`.
+    fn sync_blobs(&mut self) -> Result<(), LogError> {
+        let entries = match std::fs::read_dir(&self.blobs) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let synced = &mut self.synced_blobs;
+        let mut present = HashSet::new();
+        let mut created = false;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                File::open(entry.path())?.sync_all()?;
+                created = true;
+            }
+            present.insert(name);
+        }
+        if created {
+            File::open(&self.blobs)?.sync_all()?;
+            if let Some(parent) = self.blobs.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        *synced = present;
         Ok(())
     }
 }

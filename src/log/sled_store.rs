@@ -28,8 +28,11 @@ use crate::config::Durability;
 const STREAM_PREFIX: &str = "stream/";
 /// sled's page cache; the log is read mostly at its tail, so a modest cache serves replay.
 const CACHE_BYTES: u64 = 256 << 20;
-/// Most readings in one stored record: bounds a record's size when a flush falls behind.
-const RECORD_MAX_READINGS: usize = 4096;
+/// Most frame bytes in one stored record (one larger reading is stored alone). sled writes
+/// any log message over a quarter of its 512 KiB segment to a separate, never-synced file
+/// under `blobs/`, and a leaf node's consolidation (up to 17 records) is one message: 17
+/// records of 6 KiB stay under it.
+const RECORD_MAX_BYTES: usize = 6 << 10;
 
 pub struct SledStore {
     db: sled::Db,
@@ -109,23 +112,29 @@ impl Tail {
     }
 
     /// The tail as records to store: runs of consecutive seqs (a skipped seq block starts a
-    /// new one), at most [`RECORD_MAX_READINGS`] each, stamped with their newest reading's
-    /// time so that age-based retention never drops a reading early. The frames are shared,
-    /// not copied.
+    /// new one) of at most [`RECORD_MAX_BYTES`], stamped with their newest reading's time so
+    /// that age-based retention never drops a reading early. The frames are shared, not
+    /// copied.
     fn records(&self) -> Vec<(u64, u64, Vec<Bytes>)> {
         let tail = self.batches.lock();
         let mut records: Vec<(u64, u64, Vec<Bytes>)> = Vec::new();
+        let mut bytes = 0;
         for (first, ts, frames) in tail.iter() {
             for (i, frame) in frames.iter().enumerate() {
                 let seq = first + i as u64;
+                let size = 4 + frame.len();
                 match records.last_mut() {
                     Some((start, stamp, run))
-                        if *start + run.len() as u64 == seq && run.len() < RECORD_MAX_READINGS =>
+                        if *start + run.len() as u64 == seq && bytes + size <= RECORD_MAX_BYTES =>
                     {
                         *stamp = *ts;
                         run.push(frame.clone());
+                        bytes += size;
                     }
-                    _ => records.push((seq, *ts, vec![frame.clone()])),
+                    _ => {
+                        records.push((seq, *ts, vec![frame.clone()]));
+                        bytes = size;
+                    }
                 }
             }
         }
@@ -176,7 +185,13 @@ impl SledStore {
             Durability::Strict => Some(Duration::from_millis(1000)),
         };
         let pending = Arc::new(Pending::default());
-        let committer = Committer::start(db.clone(), data_file, interval, pending.clone());
+        let committer = Committer::start(
+            db.clone(),
+            dir.to_path_buf(),
+            data_file,
+            interval,
+            pending.clone(),
+        );
         Ok(Self {
             db,
             meta,
@@ -623,6 +638,43 @@ mod tests {
         };
         log.read(7, u64::MAX, tiny, &mut out).unwrap();
         assert_eq!(out.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![8]);
+        store.close().unwrap();
+    }
+
+    /// sled writes a log message larger than a quarter of its segment (a record, or a leaf
+    /// node holding several) to a file of its own under `blobs/`, which its flush never
+    /// syncs. Records are kept small enough that none ever is.
+    #[tokio::test]
+    async fn large_commits_leave_no_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let log = store.open_stream("acme").unwrap();
+        let reading = Bytes::from(vec![b'x'; 100]);
+        let mut next = 1;
+        for _ in 0..50 {
+            log.append(next, 100, &vec![reading.clone(); 4096]).unwrap();
+            next += 4096;
+            store.commit().await.unwrap().unwrap();
+        }
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "sled wrote blob files");
+        let mut out = Vec::new();
+        let all = ReadLimit {
+            entries: usize::MAX,
+            bytes: usize::MAX,
+        };
+        log.read(0, u64::MAX, all, &mut out).unwrap();
+        assert_eq!(out.len(), 50 * 4096);
+        // A reading too large for any record goes to a blob, which the commit syncs.
+        let big = Bytes::from(vec![b'y'; 300 << 10]);
+        log.append(next, 100, std::slice::from_ref(&big)).unwrap();
+        store.commit().await.unwrap().unwrap();
+        out.clear();
+        log.read(next - 1, u64::MAX, all, &mut out).unwrap();
+        assert_eq!(out[0].frame, big);
         store.close().unwrap();
     }
 }
