@@ -189,6 +189,9 @@ pub struct Config {
     /// STOMP: MESSAGEs one `client` or `client-individual` subscription may have
     /// unacknowledged; one more is a slow subscriber (ERROR, then close 4009).
     pub stomp_max_unacked: usize,
+    /// How long a STOMP SEND or `POST /api/publish` waits for a full live-topic subscriber
+    /// to make room before that subscriber is cut (ERROR, 4009); 0 cuts at once.
+    pub stomp_publish_wait_ms: u64,
     /// STOMP: seed 002's built-in services on `/v1` (heart-beat ticks, online employees,
     /// conversation presence, typing).
     pub stomp_services: bool,
@@ -259,6 +262,7 @@ impl Default for Config {
             stomp_app_prefixes: vec!["/v1/app/".into()],
             stomp_max_pending_bytes: 8 << 20,
             stomp_max_unacked: 1024,
+            stomp_publish_wait_ms: 1000,
             stomp_services: true,
             stomp_heartbeat_topic_s: 10,
             endpoint_context_path: String::new(),
@@ -316,6 +320,7 @@ const ENV_KEYS: &[&str] = &[
     "stomp_anonymous",
     "stomp_max_pending_bytes",
     "stomp_max_unacked",
+    "stomp_publish_wait_ms",
     "stomp_services",
     "stomp_heartbeat_topic_s",
     "endpoint_context_path",

@@ -22,6 +22,8 @@ pub const REPLAY_FRAMES: &str = "sensorgate_replay_frames_total";
 pub const SLOW_CONSUMER_CLOSES: &str = "sensorgate_slow_consumer_closes_total";
 /// Times a stream consumer's outbox filled and it went from live delivery to reading the log.
 pub const CONSUMER_LAGS: &str = "sensorgate_consumer_lags_total";
+/// Client publishes to a live topic that had to wait for a full subscriber's room.
+pub const TOPIC_PUBLISH_WAITS: &str = "sensorgate_topic_publish_waits_total";
 /// Readings a lagging consumer was sent from the log (REPLAY frames are counted apart).
 pub const CATCHUP_FRAMES: &str = "sensorgate_catchup_frames_total";
 pub const STREAMS: &str = "sensorgate_streams";
@@ -183,6 +185,7 @@ pub struct Handles {
     pub slow_consumer_closes: Counter,
     pub consumer_lags: Counter,
     pub catchup_frames: Counter,
+    pub topic_publish_waits: Counter,
     pub streams: Gauge,
     pub readings_stored: Counter,
     pub store_errors: Counter,
@@ -259,6 +262,7 @@ pub fn handles() -> &'static Handles {
             slow_consumer_closes: metrics::counter!(SLOW_CONSUMER_CLOSES),
             consumer_lags: metrics::counter!(CONSUMER_LAGS),
             catchup_frames: metrics::counter!(CATCHUP_FRAMES),
+            topic_publish_waits: metrics::counter!(TOPIC_PUBLISH_WAITS),
             streams: metrics::gauge!(STREAMS),
             readings_stored: metrics::counter!(READINGS_STORED),
             store_errors: metrics::counter!(STORE_ERRORS),

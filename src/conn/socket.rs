@@ -60,6 +60,13 @@ pub trait Handler {
     /// A ping, pong or close arrived (a sign of life, and a metric); the socket answers
     /// pings itself.
     fn on_control(&mut self) {}
+
+    /// True while the protocol takes no input (a publisher held back by flow control): the
+    /// socket is not read, so TCP pushes back on the client. Call [`WsSocket::resume`] once
+    /// it is false again.
+    fn paused(&self) -> bool {
+        false
+    }
 }
 
 /// The write buffer: frames not yet written, and the replies among them.
@@ -182,7 +189,7 @@ impl WsSocket {
             );
             return Poll::Ready(Err(CloseCode::TooSlow.into()));
         }
-        if self.parse_buffered {
+        if self.parse_buffered && !handler.paused() {
             self.parse_buffered = false;
             if let Some(wait) = self.parse_rbuf(handler)? {
                 return Poll::Ready(Ok(Some(wait)));
@@ -199,8 +206,8 @@ impl WsSocket {
             }
             Poll::Pending => {}
         }
-        // Input waits while replies are backed up.
-        if !self.out.backed_up() {
+        // Input waits while replies are backed up, or the protocol is paused.
+        if !self.out.backed_up() && !handler.paused() {
             match self.poll_read(cx, handler) {
                 Poll::Ready(Ok(Some(wait))) => return Poll::Ready(Ok(Some(wait))),
                 Poll::Ready(Ok(None)) => progress = true,
@@ -317,7 +324,7 @@ impl WsSocket {
         let mut used = 0;
         self.need = 0;
         // Stops early once replies back up: the rest is parsed after they are written.
-        while used < bytes.len() && !self.out.backed_up() {
+        while used < bytes.len() && !self.out.backed_up() && !handler.paused() {
             let message = match self.parser.parse(&mut bytes[used..]) {
                 Ok(Parsed::Incomplete(need)) => {
                     self.need = need;

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
@@ -99,6 +100,19 @@ impl Encode for StreamMessages<'_> {
     }
 }
 
+/// SENDs held back by live topics' flow control, in order, and the RECEIPT owed once the
+/// last is queued. The connection reads nothing meanwhile (its client feels TCP
+/// backpressure) but keeps writing its own deliveries, so a client publishing to a topic it
+/// also reads cannot block itself.
+struct Blocked {
+    messages: VecDeque<Arc<TopicMessage>>,
+    receipt: Option<String>,
+    /// Past it, whoever is still full is cut.
+    deadline: Pin<Box<Sleep>>,
+    /// The full inbox's next release of room.
+    room: Option<Pin<Box<OwnedNotified>>>,
+}
+
 /// Where a checked destination leads.
 enum Target {
     Topic,
@@ -158,6 +172,7 @@ struct State {
     /// The developer id of a developer token: its stream is `/topic/streams/{id}`.
     developer: Option<Arc<str>>,
     stream: Option<StreamSub>,
+    blocked: Option<Blocked>,
     /// MESSAGE frames are encoded here before their WebSocket header goes in front; kept
     /// between deliveries so that none allocates.
     scratch: Vec<u8>,
@@ -200,6 +215,7 @@ pub(super) async fn run(
         employee: None,
         developer: None,
         stream: None,
+        blocked: None,
         scratch: Vec::new(),
         ctx,
     };
@@ -306,6 +322,16 @@ impl State {
             }
             match self.poll_stream(cx, &mut io.out) {
                 Poll::Ready(Ok(())) => progress = true,
+                Poll::Ready(Err(end)) => return Poll::Ready(Err(end)),
+                Poll::Pending => {}
+            }
+            match self.poll_blocked(cx, &mut io.out) {
+                Poll::Ready(Ok(Some(join))) => return Poll::Ready(Ok(join)),
+                Poll::Ready(Ok(None)) => {
+                    // Frames the socket holds behind the held SEND are parsed now.
+                    io.resume();
+                    progress = true;
+                }
                 Poll::Ready(Err(end)) => return Poll::Ready(Err(end)),
                 Poll::Pending => {}
             }
@@ -677,9 +703,58 @@ impl State {
             }
         }
         if let Some(receipt_id) = receipt {
-            self.receipt(out, receipt_id);
+            match &mut self.blocked {
+                // A SEND held back by flow control is receipted once it is queued.
+                Some(blocked) => blocked.receipt = Some(receipt_id),
+                None => self.receipt(out, receipt_id),
+            }
         }
         Ok(None)
+    }
+
+    /// Sends what flow control holds back as subscribers make room; past
+    /// `stomp_publish_wait_ms` whoever is still full is cut (ERROR, then 4009). Ready once
+    /// everything went out, with what the frames buffered behind it asked for.
+    fn poll_blocked(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Out,
+    ) -> Poll<Result<Option<StreamJoin>, End>> {
+        let Some(blocked) = &mut self.blocked else {
+            return Poll::Pending;
+        };
+        let topics = self.ctx.hub.topics();
+        while let Some(message) = blocked.messages.front() {
+            let full = match topics.try_publish(message) {
+                Ok(_) => None,
+                Err(full) if blocked.deadline.as_mut().poll(cx).is_pending() => Some(full),
+                Err(_) => {
+                    topics.publish_now(message);
+                    None
+                }
+            };
+            let Some(full) = full else {
+                blocked.messages.pop_front();
+                blocked.room = None;
+                continue;
+            };
+            match &mut blocked.room {
+                Some(room) => {
+                    if room.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    blocked.room = None;
+                }
+                // Armed, then tried once more before it is awaited: no release is missed.
+                None => blocked.room = Some(Box::pin(full.room_released())),
+            }
+        }
+        let receipt = blocked.receipt.take();
+        self.blocked = None;
+        if let Some(receipt_id) = receipt {
+            self.receipt(out, receipt_id);
+        }
+        Poll::Ready(self.decode_pending(out))
     }
 
     /// `/topic/streams/{id}`: open to the developer `id` alone, once per connection, with
@@ -822,8 +897,20 @@ impl State {
     fn apply(&mut self, op: TxOp) {
         match op {
             TxOp::Send(message) => {
-                self.ctx.hub.topics().publish(message);
                 metrics::handles().topic_messages[0].increment(1);
+                let message = Arc::new(message);
+                if let Some(blocked) = &mut self.blocked {
+                    blocked.messages.push_back(message);
+                } else if self.ctx.hub.topics().try_publish(&message).is_err() {
+                    metrics::handles().topic_publish_waits.increment(1);
+                    let wait = self.ctx.limits.stomp_publish_wait;
+                    self.blocked = Some(Blocked {
+                        messages: VecDeque::from([message]),
+                        receipt: None,
+                        deadline: Box::pin(sleep_until(Deadline::now() + wait)),
+                        room: None,
+                    });
+                }
             }
             TxOp::App(event) => {
                 if let (Some(chat), Some(user)) = (self.ctx.hub.chat(), &self.user) {
@@ -996,7 +1083,8 @@ impl State {
 }
 
 impl Handler for State {
-    /// Only a stream subscription waits (for its owner); SEND publishes without blocking.
+    /// Only a stream subscription waits in the async loop (for its owner); a SEND held back
+    /// by flow control waits inside the poll loop ([`State::poll_blocked`]).
     type Wait = StreamJoin;
 
     fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<StreamJoin>, End> {
@@ -1004,13 +1092,17 @@ impl Handler for State {
         self.pending.extend_from_slice(data);
         self.decode_pending(out)
     }
+
+    fn paused(&self) -> bool {
+        self.blocked.is_some()
+    }
 }
 
 impl State {
     /// Acts on the whole frames buffered, up to one that has to wait.
     fn decode_pending(&mut self, out: &mut Out) -> Result<Option<StreamJoin>, End> {
         // Before CONNECT the client's version is unknown: the 1.2 grammar accepts the most.
-        loop {
+        while self.blocked.is_none() {
             let version = self.version.unwrap_or(Version::V1_2);
             let raw = match decode(&mut self.pending, version, &self.limits) {
                 Ok(None) => break,

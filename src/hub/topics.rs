@@ -4,9 +4,16 @@
 //! Owns the topic table and each topic's subscriber list. A publish takes the topic's lock
 //! for the few pushes of one fan-out, so every subscriber sees a topic's messages in one
 //! order; the lock is never held across an await. Each subscription's connection has one
-//! bounded inbox ([`Outbox`], shared by all its subscriptions): a subscriber whose inbox is
-//! full is kicked as too slow, and everyone else carries on. Must not know about frames: a
-//! message is a body and its headers, encoded by the front-end of each subscriber.
+//! bounded inbox ([`Outbox`], shared by all its subscriptions).
+//!
+//! A topic keeps no log, so a full inbox cannot be caught up later. Clients' publishes
+//! (STOMP SEND, `POST /api/publish`) are flow-controlled instead: [`Topics::try_publish`]
+//! delivers to every subscriber or to none, and a publisher that finds one full waits for
+//! its room (up to `stomp_publish_wait_ms`) before [`Topics::publish_now`] cuts whoever is
+//! still full (kicked as too slow). The server's own events (chat services, endpoint
+//! pushes) cannot wait and use [`Topics::publish`], which cuts a full subscriber at once.
+//! Must not know about frames: a message is a body and its headers, encoded by the
+//! front-end of each subscriber.
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -147,16 +154,18 @@ impl Topics {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Delivers to every subscriber of the message's destination; returns how many got it.
+    /// Delivers to every subscriber of the message's destination, cutting any whose inbox is
+    /// full; returns how many got it.
     pub fn publish(&self, message: TopicMessage) -> usize {
-        let Some(topic) = self
-            .topics
-            .get(&*message.destination)
-            .map(|t| t.value().clone())
-        else {
+        self.publish_now(&Arc::new(message))
+    }
+
+    /// [`Topics::publish`] of a shared message: what a flow-controlled publish does once its
+    /// wait is over.
+    pub fn publish_now(&self, message: &Arc<TopicMessage>) -> usize {
+        let Some(topic) = self.topic(&message.destination) else {
             return 0;
         };
-        let message = Arc::new(message);
         let bytes = message.body.len();
         let mut subs = topic.subs.lock();
         subs.retain(|s| {
@@ -167,6 +176,65 @@ impl Topics {
                 .offer(&inbox.kick, &inbox.tx, item, 1, bytes, inbox.conn)
         });
         subs.len()
+    }
+
+    /// Delivers to every subscriber, or, if any one's inbox is full, to none: then the
+    /// publisher waits for that inbox's room ([`Outbox::room_released`]) and tries again.
+    /// All or nothing keeps the topic's one order for everyone.
+    pub fn try_publish(&self, message: &Arc<TopicMessage>) -> Result<usize, Arc<Outbox>> {
+        let Some(topic) = self.topic(&message.destination) else {
+            return Ok(0);
+        };
+        let bytes = message.body.len();
+        let mut subs = topic.subs.lock();
+        // A subscriber already cut will never make room.
+        subs.retain(|s| !s.inbox.kick.is_kicked());
+        for (i, s) in subs.iter().enumerate() {
+            if !s.inbox.outbox.try_claim(1, bytes) {
+                for claimed in &subs[..i] {
+                    claimed.inbox.outbox.unclaim(1, bytes);
+                }
+                return Err(s.inbox.outbox.clone());
+            }
+        }
+        subs.retain(|s| {
+            let inbox = &s.inbox;
+            let sent = inbox.tx.send((s.key, message.clone())).is_ok();
+            if !sent {
+                inbox.outbox.release(1, bytes);
+            }
+            sent
+        });
+        Ok(subs.len())
+    }
+
+    /// Publishes with flow control from a task that may wait: retries while an inbox is
+    /// full, for at most `wait`, then cuts whoever is still full.
+    pub async fn publish_within(&self, message: TopicMessage, wait: std::time::Duration) -> usize {
+        let message = Arc::new(message);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waited = false;
+        loop {
+            let full = match self.try_publish(&message) {
+                Ok(n) => return n,
+                Err(full) => full,
+            };
+            let room = full.room_released();
+            if let Ok(n) = self.try_publish(&message) {
+                return n;
+            }
+            if !waited {
+                waited = true;
+                crate::metrics::handles().topic_publish_waits.increment(1);
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_err() {
+                return self.publish_now(&message);
+            }
+        }
+    }
+
+    fn topic(&self, destination: &str) -> Option<Arc<Topic>> {
+        self.topics.get(destination).map(|t| t.value().clone())
     }
 
     /// Subscribers of `destination` right now.
@@ -237,6 +305,42 @@ mod tests {
         t.leave("/topic/x", 2);
         // An emptied topic is gone from the table.
         assert_eq!(t.topics.len(), 1);
+    }
+
+    #[test]
+    fn a_flow_controlled_publish_reaches_everyone_or_nobody() {
+        let t = Topics::new();
+        let (slow, mut slow_rx) = inbox(1, 2);
+        let (fast, mut fast_rx) = inbox(2, 100);
+        t.subscribe("/topic/x", 1, &slow);
+        t.subscribe("/topic/x", 1, &fast);
+        let m = |body| Arc::new(message(&t, "/topic/x", body));
+        assert_eq!(t.try_publish(&m("1")).ok(), Some(2));
+        assert_eq!(t.try_publish(&m("2")).ok(), Some(2));
+        // The slow inbox is full: nobody gets "3", nobody is cut, and its room is named.
+        let third = m("3");
+        let full = t.try_publish(&third).unwrap_err();
+        assert!(Arc::ptr_eq(&full, &slow.outbox));
+        assert!(!slow.kick.is_kicked());
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 2);
+        // Its connection takes one message: the waiting publisher is woken and gets through.
+        let room = full.room_released();
+        slow_rx.try_recv().unwrap();
+        slow.outbox.release(1, 1);
+        futures_ready(room);
+        assert_eq!(t.try_publish(&third).ok(), Some(2));
+        assert_eq!(fast_rx.try_recv().unwrap().1.body, Bytes::from("3"));
+        // Past the wait, whoever is still full is cut and the rest carry on.
+        assert!(t.try_publish(&m("4")).is_err());
+        assert_eq!(t.publish_now(&m("4")), 1);
+        assert_eq!(slow.kick.reason(), Some(KickReason::TooSlow));
+    }
+
+    /// Polls a future once with a no-op waker and asserts it is ready.
+    fn futures_ready(f: impl std::future::Future<Output = ()>) {
+        let mut f = std::pin::pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(f.as_mut().poll(&mut cx).is_ready());
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use atomic_waker::AtomicWaker;
-use tokio::sync::mpsc;
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::{mpsc, Notify};
 
 /// An encoded frame waiting for its seq: the bytes before and after the number, in one
 /// buffer with room for the digits, so the stream owner fills it without allocating.
@@ -178,6 +179,10 @@ pub struct Outbox {
     max_frames: usize,
     max_bytes: usize,
     lagging: AtomicBool,
+    /// Publishers waiting for room (live topics' flow control); `wanted` keeps
+    /// [`Outbox::release`] to one atomic load while nobody waits.
+    room: Arc<Notify>,
+    wanted: AtomicBool,
 }
 
 impl Outbox {
@@ -188,7 +193,17 @@ impl Outbox {
             max_frames,
             max_bytes,
             lagging: AtomicBool::new(false),
+            room: Arc::new(Notify::new()),
+            wanted: AtomicBool::new(false),
         })
+    }
+
+    /// Resolves at the next release of room. Create it, then check for room once more,
+    /// then await it: a release in between is not missed.
+    pub fn room_released(&self) -> OwnedNotified {
+        let notified = self.room.clone().notified_owned();
+        self.wanted.store(true, Ordering::SeqCst);
+        notified
     }
 
     /// Claims room for a batch; false when the outbox is already full (the subscriber is
@@ -198,10 +213,18 @@ impl Outbox {
         let f = self.frames.fetch_add(frames, Ordering::AcqRel);
         let b = self.bytes.fetch_add(bytes, Ordering::AcqRel);
         if f >= self.max_frames || b >= self.max_bytes {
-            self.release(frames, bytes);
+            self.unclaim(frames, bytes);
             return false;
         }
         true
+    }
+
+    /// Takes back a claim that was never used. Unlike [`Outbox::release`] it wakes no
+    /// waiting publisher: no room was made, and a publisher whose own failed claim woke
+    /// itself would spin.
+    pub fn unclaim(&self, frames: usize, bytes: usize) {
+        self.frames.fetch_sub(frames, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// The one policy every fan-out follows: queue `item` on `tx` if this outbox has room
@@ -292,8 +315,10 @@ impl Outbox {
     }
 
     pub fn release(&self, frames: usize, bytes: usize) {
-        self.frames.fetch_sub(frames, Ordering::AcqRel);
-        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        self.unclaim(frames, bytes);
+        if self.wanted.load(Ordering::SeqCst) && self.wanted.swap(false, Ordering::SeqCst) {
+            self.room.notify_waiters();
+        }
     }
 
     pub fn queued_frames(&self) -> usize {

@@ -103,7 +103,7 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         let id = topics.next_id();
         match item {
             Item::Topic(destination, data, headers) => {
-                topics.publish(TopicMessage {
+                let message = TopicMessage {
                     destination: Arc::from(destination),
                     id,
                     content_type: Some(JSON_UTF8.into()),
@@ -111,7 +111,11 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
                     body: data,
                     // `data` is JSON text.
                     text: true,
-                });
+                };
+                // Flow control: the answer waits until every subscriber has room.
+                topics
+                    .publish_within(message, limits.stomp_publish_wait)
+                    .await;
             }
             Item::Endpoint(event) => {
                 if let Err(e) = notify(hub, event) {
