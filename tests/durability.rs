@@ -149,3 +149,145 @@ async fn strict_readers_never_pass_the_durable_mark_even_with_a_slow_disk() {
     }
     server.signal("TERM");
 }
+
+/// A small tmpfs as a server's data directory, to fill up and then grow.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CI runs as root)"
+        );
+        Self { dir }
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Every stored reading, by a fresh consumer's REPLAY `after: 0`.
+async fn replay_all(addr: std::net::SocketAddr) -> Vec<String> {
+    let t = token(addr, "/auth/developer", DEV, KEY).await;
+    let mut c = Client::identified(addr, &t, 1).await;
+    c.send(r#"{"op":7,"d":{"after":0}}"#).await;
+    let mut replayed = Vec::new();
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(1000), c.ws.next()).await
+    {
+        replayed.push(t.to_string());
+    }
+    replayed
+}
+
+/// Two runs of DISPATCH frames are the same: the seqs first (a readable message), then
+/// every byte.
+fn assert_same(got: &[String], want: &[String], when: &str) {
+    let seqs = |frames: &[String]| frames.iter().map(|f| dispatch(f).0).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(got),
+        seqs(want),
+        "REPLAY returns exactly what was dispatched, {when}"
+    );
+    assert!(got == want, "the same readings, byte for byte, {when}");
+}
+
+async fn readyz(addr: std::net::SocketAddr) -> u16 {
+    http(addr, "GET", "/readyz", &[]).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_producers_turns_unready_and_recovers_losing_nothing() {
+    let fs = Tmpfs::mount("3m");
+    let port = free_port();
+    let cfg = write_config(fs.dir.path(), port, "durability = \"strict\"");
+    let server = Process::start(&cfg, port).await;
+    let addr = server.addr;
+    let mut consumer =
+        Client::identified(addr, &token(addr, "/auth/developer", DEV, KEY).await, 1).await;
+    let t = token(addr, "/auth/user?id=p", DEV, KEY).await;
+    let mut producer = Client::identified(addr, &t, 0).await;
+    let pad = "x".repeat(4000);
+    // Far more than fits: the producer is closed with 1011 once the disk is full.
+    let mut code = None;
+    for i in 0..5000 {
+        let frame = format!(r#"{{"op":6,"t":"STEPS","d":{{"i":{i},"p":"{pad}"}}}}"#);
+        if futures_util::SinkExt::send(&mut producer.ws, Message::text(frame))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        if let Ok(Some(Ok(Message::Close(Some(f))))) =
+            tokio::time::timeout(Duration::from_millis(1), producer.ws.next()).await
+        {
+            code = Some(u16::from(f.code));
+            break;
+        }
+    }
+    let code = match code {
+        Some(code) => code,
+        None => producer.close_code().await,
+    };
+    assert_eq!(code, 1011, "a producer on a full disk is closed with 1011");
+    assert_eq!(
+        readyz(addr).await,
+        503,
+        "unready while the store cannot write"
+    );
+    // Everything the consumer was sent, in order.
+    let mut seen = Vec::new();
+    while let Ok(Some(Ok(Message::Text(t)))) =
+        tokio::time::timeout(Duration::from_millis(500), consumer.ws.next()).await
+    {
+        seen.push(t.to_string());
+    }
+    assert!(
+        !seen.is_empty(),
+        "readings were stored before the disk filled"
+    );
+    // Consumers are still served meanwhile: a REPLAY returns exactly what was dispatched.
+    assert_same(&replay_all(addr).await, &seen, "while the disk is full");
+    // sled refuses every write after an I/O error until it is reopened: room again, then a
+    // restart (kill -9: its final flush could not succeed either).
+    fs.resize("64m");
+    server.kill9();
+    let server = Process::start(&cfg, port).await;
+    let addr = server.addr;
+    assert_eq!(readyz(addr).await, 200);
+    // No reading whose commit failed comes back as if it had been dispatched, and new
+    // readings get seqs above everything seen.
+    assert_same(&replay_all(addr).await, &seen, "after the restart");
+    let mut consumer =
+        Client::identified(addr, &token(addr, "/auth/developer", DEV, KEY).await, 1).await;
+    let t = token(addr, "/auth/user?id=q", DEV, KEY).await;
+    let mut again = Client::identified(addr, &t, 0).await;
+    again.submit("STEPS", r#"{"after":true}"#).await;
+    let (seq, uid, _, _) = dispatch(&consumer.recv().await);
+    assert_eq!(uid, "q");
+    assert!(seq > dispatch(seen.last().unwrap()).0);
+    drop(server);
+}

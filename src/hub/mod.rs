@@ -147,6 +147,11 @@ impl Hub {
         &self.inner.endpoints
     }
 
+    /// False while the store cannot write (disk full, I/O error): `/readyz` answers 503.
+    pub fn store_writable(&self) -> bool {
+        self.inner.store.writable()
+    }
+
     /// A new outbox bound for one consumer.
     pub fn outbox(&self) -> Arc<Outbox> {
         self.outbox_bytes(CONSUMER_QUEUE_MAX_BYTES)

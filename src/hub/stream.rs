@@ -210,11 +210,16 @@ impl Owner {
                 Ok(()) => {}
                 Err(e) => {
                     metrics.store_errors.increment(1);
-                    tracing::error!(stream = %self.shared.id, error = %e, "append failed; refusing publishes for a while");
+                    tracing::error!(stream = %self.shared.id, error = %e, "commit failed; refusing publishes for a while");
                     self.shared
                         .failed_until_ms
                         .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
-                    // Appended but maybe not durable: never hand these seqs out again.
+                    // Never dispatched, so never readable: the mark stays below them, and
+                    // they leave the log before a later commit could make them durable.
+                    if let Err(e) = self.shared.log.discard(first, last) {
+                        tracing::error!(stream = %self.shared.id, error = %e, "could not discard a failed commit");
+                    }
+                    // And their seqs are not handed out again.
                     self.next = last + 1;
                     continue;
                 }
@@ -251,6 +256,11 @@ impl Owner {
         reserved: &mut Reservation,
     ) -> Result<(), LogError> {
         if self.durability == Durability::Fast {
+            // Fast mode dispatches before the flush: while the disk refuses writes it takes
+            // nothing in, so producers get 1011 instead of memory growing.
+            if !self.store.writable() {
+                return Err(LogError::NotWritable);
+            }
             reserved
                 .ensure(last, &*self.shared.log, &*self.store)
                 .await?;

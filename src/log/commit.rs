@@ -26,6 +26,8 @@ pub(super) struct Committer {
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
     /// Set by every append, cleared by every flush: the timer flushes only when it is set.
     pub(super) dirty: Arc<AtomicBool>,
+    /// Cleared by a failed flush, set by a good one.
+    pub(super) writable: Arc<AtomicBool>,
 }
 
 impl Committer {
@@ -39,7 +41,9 @@ impl Committer {
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let dirty = Arc::new(AtomicBool::new(false));
+        let writable = Arc::new(AtomicBool::new(true));
         let store = Flush {
+            writable: writable.clone(),
             db,
             data_file,
             blobs: dir.join("blobs"),
@@ -55,6 +59,7 @@ impl Committer {
             tx: parking_lot::Mutex::new(Some(tx)),
             thread: parking_lot::Mutex::new(Some(thread)),
             dirty,
+            writable,
         }
     }
 
@@ -84,6 +89,7 @@ impl Committer {
 
 /// What one flush touches.
 struct Flush {
+    writable: Arc<AtomicBool>,
     db: sled::Db,
     data_file: File,
     /// sled's directory of values too large for its log.
@@ -117,9 +123,21 @@ fn run(mut store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>)
         }
         waiters.extend(rx.try_iter());
         let result = store.flush();
-        if let Err(e) = &result {
-            crate::metrics::handles().store_errors.increment(1);
-            tracing::error!(error = %e, "group commit failed");
+        match &result {
+            Ok(()) => {
+                if !store.writable.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("store writes again");
+                }
+            }
+            Err(e) => {
+                crate::metrics::handles().store_errors.increment(1);
+                if store.writable.swap(false, Ordering::AcqRel) {
+                    tracing::error!(error = %e, "group commit failed; /readyz is 503 until one succeeds");
+                }
+                // The timer tries again (every second in strict mode) until the disk takes
+                // writes: that is what turns the store writable again when nobody submits.
+                store.dirty.store(true, Ordering::Release);
+            }
         }
         for w in waiters.drain(..) {
             let answer = match &result {

@@ -27,6 +27,8 @@ pub enum LogError {
     Corrupt { stream: String, seq: u64 },
     #[error("store is closed")]
     Closed,
+    #[error("store cannot write (an earlier commit failed)")]
+    NotWritable,
 }
 
 /// Where a stream stands when its owner starts.
@@ -63,6 +65,9 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self) -> oneshot::Receiver<Result<(), LogError>>;
     /// The names of the streams that have a log, for retention.
     fn stream_names(&self) -> Vec<String>;
+    /// False from a failed commit (disk full, I/O error) until a commit succeeds again; the
+    /// store retries on its own while it is false.
+    fn writable(&self) -> bool;
     /// Makes everything durable and stops background work; used once at shutdown.
     fn close(&self) -> Result<(), LogError>;
 }
@@ -74,6 +79,9 @@ pub trait StreamLog: Send + Sync + 'static {
     /// Appends frames carrying seqs `first_seq..first_seq + frames.len()`, stamped `ts_ms`.
     /// Visible to reads at once; durable after the next [`Store::commit`].
     fn append(&self, first_seq: u64, ts_ms: u64, frames: &[Bytes]) -> Result<(), LogError>;
+    /// Drops readings `first..=last` that were appended but whose commit failed: they were
+    /// never dispatched, so no read may ever return them.
+    fn discard(&self, first: u64, last: u64) -> Result<(), LogError>;
     /// Records that seqs up to `through` may be handed out before their readings are durable,
     /// so that no seq is reused after a crash. Durable after the next [`Store::commit`].
     fn reserve(&self, through: u64) -> Result<(), LogError>;

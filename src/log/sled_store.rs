@@ -77,6 +77,9 @@ impl Pending {
 /// One stream's appends that are not in sled yet, in seq order.
 pub(super) struct Tail {
     tree: sled::Tree,
+    meta: sled::Tree,
+    /// `committed/<stream>`: the newest seq moved into sled, written with every move.
+    committed_key: Vec<u8>,
     batches: Mutex<VecDeque<(u64, u64, Vec<Bytes>)>>,
     /// On the [`Pending`] list.
     listed: AtomicBool,
@@ -101,6 +104,11 @@ impl Tail {
             self.tree
                 .insert(first.to_be_bytes(), encode_batch(*ts, frames))?;
         }
+        // After the records, in sled's one log: a recovered mark means its records were
+        // recovered too, and records past the recovered mark belong to a flush that never
+        // finished (see `SledStream::recover`).
+        self.meta
+            .insert(&self.committed_key, &through.to_be_bytes())?;
         let mut tail = self.batches.lock();
         while tail
             .front()
@@ -218,6 +226,8 @@ impl Store for SledStore {
             first: AtomicU64::new(first),
             tail: Arc::new(Tail {
                 tree: tree.clone(),
+                meta: self.meta.clone(),
+                committed_key: format!("committed/{stream}").into_bytes(),
                 batches: Mutex::new(VecDeque::new()),
                 listed: AtomicBool::new(false),
                 moving: Mutex::new(()),
@@ -234,6 +244,10 @@ impl Store for SledStore {
 
     fn commit(&self) -> oneshot::Receiver<Result<(), LogError>> {
         self.committer.request()
+    }
+
+    fn writable(&self) -> bool {
+        self.committer.writable.load(Ordering::Acquire)
     }
 
     fn stream_names(&self) -> Vec<String> {
@@ -378,6 +392,22 @@ impl Budget {
 impl StreamLog for SledStream {
     fn recover(&self) -> Result<Recovered, LogError> {
         let stored_last = self.last_stored()?.unwrap_or(0);
+        // Records past the committed mark were written by a flush that failed (a full
+        // disk): they were never dispatched, so they go. Their seqs are not reused.
+        if let Some(mark) = self.meta.get(&self.tail.committed_key)? {
+            let mark = self.key_seq(&mark)?;
+            let stale: Vec<_> = self
+                .tree
+                .range(mark.saturating_add(1).to_be_bytes()..)
+                .keys()
+                .collect::<Result<_, _>>()?;
+            if !stale.is_empty() {
+                tracing::warn!(stream = %self.name, mark, records = stale.len(), "dropping records of a commit that never finished");
+            }
+            for key in stale {
+                self.tree.remove(key)?;
+            }
+        }
         let reserved = match self.meta.get(&self.reserved_key)? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
@@ -398,6 +428,26 @@ impl StreamLog for SledStream {
             .lock()
             .push_back((first_seq, ts_ms, frames.to_vec()));
         self.pending.list(&self.tail);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    fn discard(&self, first: u64, last: u64) -> Result<(), LogError> {
+        let _moving = self.tail.moving.lock();
+        self.tail.batches.lock().retain(|(start, _, frames)| {
+            let end = start + frames.len() as u64 - 1;
+            end < first || *start > last
+        });
+        // What the failed commit had already moved into sled: records of these seqs only,
+        // since in strict mode the tail held nothing else.
+        let keys: Vec<_> = self
+            .tree
+            .range(first.to_be_bytes()..=last.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in keys {
+            self.tree.remove(key)?;
+        }
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }

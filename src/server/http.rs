@@ -102,6 +102,8 @@ pub(super) fn error(status: StatusCode, message: &str) -> Response<Body> {
 fn ready(app: &App) -> Response<Body> {
     if app.ctx.shutdown.is_draining() {
         text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if !app.ctx.hub.store_writable() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "store cannot write\n")
     } else {
         text(StatusCode::OK, "ready\n")
     }
