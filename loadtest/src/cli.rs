@@ -230,6 +230,12 @@ pub struct RelayArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub drain: f64,
 
+    /// Slow consumers: each reads at most this many readings per second while the
+    /// producers run (for --duration), then as fast as it can during the drain. Shows a
+    /// consumer that falls behind and catches up from the log.
+    #[arg(long, value_name = "R")]
+    pub consumer_rate: Option<f64>,
+
     /// How consumers parse DISPATCH frames.
     #[arg(long, value_enum, default_value_t = scan::Parser::Scan)]
     pub parser: scan::Parser,

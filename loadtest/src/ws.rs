@@ -326,6 +326,8 @@ pub enum ReadEnd {
 pub enum Flow {
     Continue,
     Stop,
+    /// Read nothing for this long (a slow consumer), then go on.
+    Pause(std::time::Duration),
 }
 
 /// Reads until close/EOF/error, handing each complete text (or binary)
@@ -359,8 +361,10 @@ pub async fn read_loop(read: &mut WsRead, mut on_text: impl FnMut(&[u8]) -> Flow
             OpCode::Close => return ReadEnd::Closed(scan::close_code(&frame.payload)),
             OpCode::Ping | OpCode::Pong => Flow::Continue,
         };
-        if flow == Flow::Stop {
-            return ReadEnd::Stopped;
+        match flow {
+            Flow::Stop => return ReadEnd::Stopped,
+            Flow::Pause(wait) => tokio::time::sleep(wait).await,
+            Flow::Continue => {}
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct RelayPlan {
     /// Producer SO_SNDBUF.
     pub inflight: u32,
     pub drain: Duration,
+    /// Readings/s each consumer takes while producers run (`None`: as fast as it can).
+    pub consumer_rate: Option<f64>,
     pub parser: Parser,
     /// Producer uids are `<prefix>-<developer>-<i>`.
     pub uid_prefix: &'static str,
@@ -88,6 +90,10 @@ impl RelayPlan {
             aligned: a.aligned,
             inflight: a.inflight,
             drain: secs("--drain", a.drain)?,
+            consumer_rate: match a.consumer_rate {
+                Some(r) if !r.is_finite() || r <= 0.0 => bail!("--consumer-rate must be positive"),
+                r => r,
+            },
             parser: a.parser,
             uid_prefix: "load",
         })
@@ -303,9 +309,12 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
         let got = Arc::new(AtomicU64::new(0));
         let counters = [tracked_delivered.clone(), got.clone()];
         let parser = plan.parser;
+        let mut pace = plan
+            .consumer_rate
+            .map(|rate| Pace::new(rate, plan.duration.unwrap_or(Duration::MAX)));
         let conn = LiveConn::spawn(session, state, move |st: &mut ConsumerState, text| {
             on_consumer_frame(st, text, parser, &counters);
-            Flow::Continue
+            pace.as_mut().map_or(Flow::Continue, Pace::next)
         });
         consumers.push((dev, conn, got));
     }
@@ -508,6 +517,40 @@ pub async fn execute(ctx: &Ctx, plan: &RelayPlan, label: &str) -> Result<RelayRe
     };
     report.passed = report.check_passed();
     Ok(report)
+}
+
+/// A slow consumer's schedule: `rate` frames/s for `during` from its first frame, then
+/// unpaced.
+struct Pace {
+    rate: f64,
+    during: Duration,
+    start: Option<Instant>,
+    taken: u64,
+}
+
+impl Pace {
+    fn new(rate: f64, during: Duration) -> Self {
+        Self {
+            rate,
+            during,
+            start: None,
+            taken: 0,
+        }
+    }
+
+    /// After one frame: pause until the next one is due.
+    fn next(&mut self) -> Flow {
+        let elapsed = self.start.get_or_insert_with(Instant::now).elapsed();
+        if elapsed >= self.during {
+            return Flow::Continue;
+        }
+        self.taken += 1;
+        let due = Duration::from_secs_f64(self.taken as f64 / self.rate);
+        match due.checked_sub(elapsed) {
+            Some(wait) if !wait.is_zero() => Flow::Pause(wait),
+            _ => Flow::Continue,
+        }
+    }
 }
 
 /// Handles one consumer frame; `delivered` counters (run total, this

@@ -172,6 +172,7 @@ pub async fn run(ctx: &Ctx, args: &ReplayArgs) -> Result<ReplayReport> {
             aligned: false,
             inflight: args.inflight,
             drain: Duration::from_secs(30),
+            consumer_rate: None,
             parser: Parser::Scan,
             uid_prefix: "fill",
         };
