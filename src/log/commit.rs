@@ -123,20 +123,13 @@ fn run(mut store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>)
         }
         waiters.extend(rx.try_iter());
         let result = store.flush();
-        match &result {
-            Ok(()) => {
-                if !store.writable.swap(true, Ordering::AcqRel) {
-                    tracing::warn!("store writes again");
-                }
-            }
-            Err(e) => {
-                crate::metrics::handles().store_errors.increment(1);
-                if store.writable.swap(false, Ordering::AcqRel) {
-                    tracing::error!(error = %e, "group commit failed; /readyz is 503 until one succeeds");
-                }
-                // The timer tries again (every second in strict mode) until the disk takes
-                // writes: that is what turns the store writable again when nobody submits.
-                store.dirty.store(true, Ordering::Release);
+        // sled refuses every write after an I/O error until it is reopened, so a store that
+        // failed stays unwritable (and `/readyz` 503) until the restart; no retry loop.
+        let was_writable = store.writable.swap(result.is_ok(), Ordering::AcqRel);
+        if let Err(e) = &result {
+            crate::metrics::handles().store_errors.increment(1);
+            if was_writable {
+                tracing::error!(error = %e, "group commit failed; /readyz is 503 until a restart");
             }
         }
         for w in waiters.drain(..) {
@@ -175,17 +168,15 @@ impl Flush {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e.into()),
         };
-        let synced = &mut self.synced_blobs;
-        let mut present = HashSet::new();
         let mut created = false;
         for entry in entries {
             let entry = entry?;
-            let name = entry.file_name();
-            if !synced.contains(&name) {
+            // Blob names are log offsets, never reused: one entry per blob ever written.
+            if !self.synced_blobs.contains(&entry.file_name()) {
                 File::open(entry.path())?.sync_all()?;
+                self.synced_blobs.insert(entry.file_name());
                 created = true;
             }
-            present.insert(name);
         }
         if created {
             File::open(&self.blobs)?.sync_all()?;
@@ -193,7 +184,6 @@ impl Flush {
                 File::open(parent)?.sync_all()?;
             }
         }
-        *synced = present;
         Ok(())
     }
 }

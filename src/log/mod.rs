@@ -65,8 +65,7 @@ pub trait Store: Send + Sync + 'static {
     fn commit(&self) -> oneshot::Receiver<Result<(), LogError>>;
     /// The names of the streams that have a log, for retention.
     fn stream_names(&self) -> Vec<String>;
-    /// False from a failed commit (disk full, I/O error) until a commit succeeds again; the
-    /// store retries on its own while it is false.
+    /// False from a failed commit (disk full, I/O error) until a commit succeeds again.
     fn writable(&self) -> bool;
     /// Makes everything durable and stops background work; used once at shutdown.
     fn close(&self) -> Result<(), LogError>;
@@ -85,8 +84,8 @@ pub trait StreamLog: Send + Sync + 'static {
     /// Records that seqs up to `through` may be handed out before their readings are durable,
     /// so that no seq is reused after a crash. Durable after the next [`Store::commit`].
     fn reserve(&self, through: u64) -> Result<(), LogError>;
-    /// Reads entries with `after < seq < before`, in seq order, into `out`: at most `max` of
-    /// them and, past the first, at most `max_bytes` of frames. Sees every append, durable
+    /// Reads entries with `after < seq < before`, in seq order, into `out`, within `limit`
+    /// (the first entry is returned whatever its size). Sees every append, durable
     /// or not: holding readers at the durable mark is the caller's job (the stream's owner
     /// knows the mark; see `hub::stream`).
     fn read(

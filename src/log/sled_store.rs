@@ -234,7 +234,6 @@ impl Store for SledStore {
             }),
             pending: self.pending.clone(),
             tree,
-            meta: self.meta.clone(),
             reserved_key: format!("reserved/{stream}").into_bytes(),
             dirty: self.committer.dirty.clone(),
         });
@@ -277,7 +276,6 @@ struct SledStream {
     tree: sled::Tree,
     tail: Arc<Tail>,
     pending: Arc<Pending>,
-    meta: sled::Tree,
     reserved_key: Vec<u8>,
     dirty: Arc<AtomicBool>,
 }
@@ -291,7 +289,7 @@ impl SledStream {
         limit: &mut Budget,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
-        if start >= before || limit.spent() {
+        if start >= before {
             return Ok(());
         }
         // The record holding `start` begins at or before it.
@@ -330,6 +328,19 @@ impl SledStream {
 
     fn key_seq(&self, key: &[u8]) -> Result<u64, LogError> {
         key_seq(&self.name, key)
+    }
+
+    /// Removes the stored records whose first seq is in `first..=last`; returns how many.
+    fn remove_records(&self, first: u64, last: u64) -> Result<usize, LogError> {
+        let keys: Vec<_> = self
+            .tree
+            .range(first.to_be_bytes()..=last.to_be_bytes())
+            .keys()
+            .collect::<Result<_, _>>()?;
+        for key in &keys {
+            self.tree.remove(key)?;
+        }
+        Ok(keys.len())
     }
 
     /// The newest seq stored (tail included), if any.
@@ -373,10 +384,6 @@ impl Budget {
         }
     }
 
-    fn spent(&self) -> bool {
-        self.entries == 0 || (self.taken > 0 && self.bytes == 0)
-    }
-
     /// Takes one entry of `len` bytes if the limit allows it.
     fn take(&mut self, len: usize) -> bool {
         if self.entries == 0 || (self.taken > 0 && len > self.bytes) {
@@ -394,21 +401,14 @@ impl StreamLog for SledStream {
         let stored_last = self.last_stored()?.unwrap_or(0);
         // Records past the committed mark were written by a flush that failed (a full
         // disk): they were never dispatched, so they go. Their seqs are not reused.
-        if let Some(mark) = self.meta.get(&self.tail.committed_key)? {
+        if let Some(mark) = self.tail.meta.get(&self.tail.committed_key)? {
             let mark = self.key_seq(&mark)?;
-            let stale: Vec<_> = self
-                .tree
-                .range(mark.saturating_add(1).to_be_bytes()..)
-                .keys()
-                .collect::<Result<_, _>>()?;
-            if !stale.is_empty() {
-                tracing::warn!(stream = %self.name, mark, records = stale.len(), "dropping records of a commit that never finished");
-            }
-            for key in stale {
-                self.tree.remove(key)?;
+            let stale = self.remove_records(mark.saturating_add(1), u64::MAX)?;
+            if stale > 0 {
+                tracing::warn!(stream = %self.name, mark, records = stale, "dropped records of a commit that never finished");
             }
         }
-        let reserved = match self.meta.get(&self.reserved_key)? {
+        let reserved = match self.tail.meta.get(&self.reserved_key)? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
         };
@@ -440,20 +440,14 @@ impl StreamLog for SledStream {
         });
         // What the failed commit had already moved into sled: records of these seqs only,
         // since in strict mode the tail held nothing else.
-        let keys: Vec<_> = self
-            .tree
-            .range(first.to_be_bytes()..=last.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for key in keys {
-            self.tree.remove(key)?;
-        }
+        self.remove_records(first, last)?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
     fn reserve(&self, through: u64) -> Result<(), LogError> {
-        self.meta
+        self.tail
+            .meta
             .insert(&self.reserved_key, &through.to_be_bytes())?;
         self.dirty.store(true, Ordering::Release);
         Ok(())
