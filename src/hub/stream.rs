@@ -14,7 +14,7 @@
 //! sees a reading a crash could take back or give to another seq.
 //!
 //! A subscriber whose outbox is full is not closed: it is marked lagging and skipped
-//! ([`Outbox::offer_or_lag`]); its connection catches up from the log and rejoins. A slow
+//! ([`Subscriber::offer`]); its connection catches up from the log and rejoins. A slow
 //! consumer never slows the owner down.
 
 use bytes::Bytes;
@@ -39,6 +39,34 @@ pub struct Subscriber {
     pub tx: mpsc::UnboundedSender<Arc<Batch>>,
     pub outbox: Arc<Outbox>,
     pub kick: Arc<Kick>,
+}
+
+impl Subscriber {
+    /// Queues a batch if the outbox has room; if not, marks the subscriber lagging (its
+    /// connection catches up from the log) and skips it until the connection clears the
+    /// mark. Nothing is dropped: every skipped batch is in the log below the durable mark.
+    /// False only when the subscriber is gone (kicked or disconnected).
+    fn offer(&self, batch: &Arc<Batch>) -> bool {
+        if self.kick.is_kicked() {
+            return false;
+        }
+        if self.outbox.is_lagging() {
+            return true;
+        }
+        let (frames, bytes) = (batch.frames.len(), batch.bytes);
+        if !self.outbox.try_claim(frames, bytes) {
+            self.outbox.set_lagging(true);
+            crate::metrics::handles().consumer_lags.increment(1);
+            tracing::debug!(
+                conn = self.id,
+                "consumer behind; it catches up from the log"
+            );
+            self.kick.nudge();
+            return true;
+        }
+        self.outbox
+            .send_claimed(&self.tx, batch.clone(), frames, bytes)
+    }
 }
 
 /// Why [`StreamHandle::try_publish`] did not queue a reading.
@@ -318,11 +346,7 @@ impl Reservation {
 }
 
 fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
-    let n = batch.frames.len();
-    subs.retain(|s| {
-        s.outbox
-            .offer_or_lag(&s.kick, &s.tx, batch.clone(), n, batch.bytes, s.id)
-    });
+    subs.retain(|s| s.offer(batch));
 }
 
 /// Goes to the back of the run queue once. Unlike `tokio::task::yield_now`, which defers
@@ -345,4 +369,50 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::KickReason;
+
+    fn batch(seq: u64) -> Arc<Batch> {
+        Arc::new(Batch {
+            first_seq: seq,
+            frames: vec![Bytes::from_static(b"x")],
+            bytes: 1,
+        })
+    }
+
+    #[test]
+    fn a_full_outbox_lags_instead_of_kicking() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let s = Subscriber {
+            id: 7,
+            tx,
+            outbox: Outbox::new(2, 1 << 20),
+            kick: Kick::new(),
+        };
+        assert!(s.offer(&batch(1)));
+        assert!(s.offer(&batch(2)));
+        // Full: marked lagging and skipped, but kept.
+        assert!(s.offer(&batch(3)));
+        assert!(s.outbox.is_lagging());
+        assert!(!s.kick.is_kicked());
+        // Room again does not end the lag: only the connection does, once caught up.
+        s.outbox.release(2, 2);
+        assert!(s.offer(&batch(4)));
+        let seqs = |rx: &mut mpsc::UnboundedReceiver<Arc<Batch>>| {
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|b| b.first_seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&mut rx), [1, 2]);
+        s.outbox.set_lagging(false);
+        assert!(s.offer(&batch(5)));
+        assert_eq!(seqs(&mut rx), [5]);
+        // A kicked subscriber is dropped.
+        s.kick.kick(KickReason::Duplicate);
+        assert!(!s.offer(&batch(6)));
+    }
 }

@@ -255,41 +255,8 @@ impl Outbox {
         self.send_claimed(tx, item, frames, bytes)
     }
 
-    /// The stream consumers' policy: queue `item` if there is room; if not, mark the
-    /// subscriber lagging (it catches up from the log) and skip it until it clears the mark
-    /// itself. Nothing is dropped: every skipped batch is in the log below the durable mark.
-    /// False only when the subscriber is gone (kicked or disconnected).
-    pub fn offer_or_lag<T>(
-        &self,
-        kick: &Kick,
-        tx: &mpsc::UnboundedSender<T>,
-        item: T,
-        frames: usize,
-        bytes: usize,
-        conn: u64,
-    ) -> bool {
-        if kick.is_kicked() {
-            return false;
-        }
-        if self.lagging.load(Ordering::SeqCst) {
-            return true;
-        }
-        if !self.try_claim(frames, bytes) {
-            self.lagging.store(true, Ordering::SeqCst);
-            crate::metrics::handles().consumer_lags.increment(1);
-            tracing::debug!(
-                conn,
-                queued = self.queued_frames(),
-                "consumer behind; it catches up from the log"
-            );
-            kick.nudge();
-            return true;
-        }
-        self.send_claimed(tx, item, frames, bytes)
-    }
-
     /// Sends what room was claimed for; a receiver that is gone gives the room back.
-    fn send_claimed<T>(
+    pub(super) fn send_claimed<T>(
         &self,
         tx: &mpsc::UnboundedSender<T>,
         item: T,
@@ -308,8 +275,9 @@ impl Outbox {
         self.lagging.load(Ordering::SeqCst)
     }
 
-    /// Set by the connection when it stops taking live batches (a REPLAY runs) and cleared
-    /// when it rejoins; see [`Outbox::offer_or_lag`].
+    /// Set by the stream's owner when the outbox is full and by the connection when it stops
+    /// taking live batches (a REPLAY runs); cleared by the connection when it rejoins. See
+    /// `hub::stream::Subscriber::offer`.
     pub fn set_lagging(&self, lagging: bool) {
         self.lagging.store(lagging, Ordering::SeqCst);
     }
@@ -360,32 +328,6 @@ mod tests {
         assert!(!o.try_claim(1, 1));
         o.release(1, 150);
         assert_eq!(o.queued_frames(), 0);
-    }
-
-    #[test]
-    fn a_full_outbox_lags_instead_of_kicking() {
-        let o = Outbox::new(2, 1 << 20);
-        let kick = Kick::new();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        assert!(o.offer_or_lag(&kick, &tx, 1, 1, 1, 7));
-        assert!(o.offer_or_lag(&kick, &tx, 2, 1, 1, 7));
-        // Full: marked lagging and skipped, but kept.
-        assert!(o.offer_or_lag(&kick, &tx, 3, 1, 1, 7));
-        assert!(o.is_lagging());
-        assert!(!kick.is_kicked());
-        // Room again does not end the lag: only the connection does, once caught up.
-        o.release(2, 2);
-        assert!(o.offer_or_lag(&kick, &tx, 4, 1, 1, 7));
-        assert_eq!(
-            std::iter::from_fn(|| rx.try_recv().ok()).collect::<Vec<_>>(),
-            [1, 2]
-        );
-        o.set_lagging(false);
-        assert!(o.offer_or_lag(&kick, &tx, 5, 1, 1, 7));
-        assert_eq!(rx.try_recv().ok(), Some(5));
-        // A kicked subscriber is dropped.
-        kick.kick(KickReason::Duplicate);
-        assert!(!o.offer_or_lag(&kick, &tx, 6, 1, 1, 7));
     }
 
     #[test]
