@@ -15,10 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
@@ -35,7 +34,9 @@ use crate::frontend::stomp::frame::{
 };
 use crate::frontend::CloseCode;
 use crate::hub::chat::AppEvent;
-use crate::hub::{Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage, JSON_UTF8};
+use crate::hub::{
+    Held, Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage, JSON_UTF8,
+};
 use crate::metrics::{self, stomp_out, StompError};
 
 const MAX_TRANSACTIONS: usize = 16;
@@ -105,12 +106,10 @@ impl Encode for StreamMessages<'_> {
 /// backpressure) but keeps writing its own deliveries, so a client publishing to a topic it
 /// also reads cannot block itself.
 struct Blocked {
-    messages: VecDeque<Arc<TopicMessage>>,
+    held: Held,
+    /// SENDs of the same COMMIT behind it.
+    queue: VecDeque<Arc<TopicMessage>>,
     receipt: Option<String>,
-    /// Past it, whoever is still full is cut.
-    deadline: Pin<Box<Sleep>>,
-    /// The full inbox's next release of room.
-    room: Option<Pin<Box<OwnedNotified>>>,
 }
 
 /// Where a checked destination leads.
@@ -724,30 +723,16 @@ impl State {
             return Poll::Pending;
         };
         let topics = self.ctx.hub.topics();
-        while let Some(message) = blocked.messages.front() {
-            let full = match topics.try_publish(message) {
-                Ok(_) => None,
-                Err(full) if blocked.deadline.as_mut().poll(cx).is_pending() => Some(full),
-                Err(_) => {
-                    topics.publish_now(message);
-                    None
+        let wait = self.ctx.limits.stomp_publish_wait;
+        'held: loop {
+            ready!(topics.poll_held(&mut blocked.held, cx));
+            while let Some(next) = blocked.queue.pop_front() {
+                if let Err(held) = topics.publish_or_hold(next, wait) {
+                    blocked.held = held;
+                    continue 'held;
                 }
-            };
-            let Some(full) = full else {
-                blocked.messages.pop_front();
-                blocked.room = None;
-                continue;
-            };
-            match &mut blocked.room {
-                Some(room) => {
-                    if room.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    blocked.room = None;
-                }
-                // Armed, then tried once more before it is awaited: no release is missed.
-                None => blocked.room = Some(Box::pin(full.room_released())),
             }
+            break;
         }
         let receipt = blocked.receipt.take();
         self.blocked = None;
@@ -899,16 +884,14 @@ impl State {
             TxOp::Send(message) => {
                 metrics::handles().topic_messages[0].increment(1);
                 let message = Arc::new(message);
+                let wait = self.ctx.limits.stomp_publish_wait;
                 if let Some(blocked) = &mut self.blocked {
-                    blocked.messages.push_back(message);
-                } else if self.ctx.hub.topics().try_publish(&message).is_err() {
-                    metrics::handles().topic_publish_waits.increment(1);
-                    let wait = self.ctx.limits.stomp_publish_wait;
+                    blocked.queue.push_back(message);
+                } else if let Err(held) = self.ctx.hub.topics().publish_or_hold(message, wait) {
                     self.blocked = Some(Blocked {
-                        messages: VecDeque::from([message]),
+                        held,
+                        queue: VecDeque::new(),
                         receipt: None,
-                        deadline: Box::pin(sleep_until(Deadline::now() + wait)),
-                        room: None,
                     });
                 }
             }

@@ -23,7 +23,7 @@ mod types;
 
 pub use sessions::Sessions;
 pub use stream::{StreamHandle, Subscriber, TryPublishError};
-pub use topics::{Delivery as TopicDelivery, Inbox, TopicMessage, Topics, JSON_UTF8};
+pub use topics::{Delivery as TopicDelivery, Held, Inbox, TopicMessage, Topics, JSON_UTF8};
 pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate, SEQ_DIGITS};
 
 use dashmap::DashMap;

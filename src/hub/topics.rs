@@ -7,10 +7,11 @@
 //! bounded inbox ([`Outbox`], shared by all its subscriptions).
 //!
 //! A topic keeps no log, so a full inbox cannot be caught up later. Clients' publishes
-//! (STOMP SEND, `POST /api/publish`) are flow-controlled instead: [`Topics::try_publish`]
-//! delivers to every subscriber or to none, and a publisher that finds one full waits for
-//! its room (up to `stomp_publish_wait_ms`) before [`Topics::publish_now`] cuts whoever is
-//! still full (kicked as too slow). The server's own events (chat services, endpoint
+//! (STOMP SEND, `POST /api/publish`) are flow-controlled instead: one mechanism for both,
+//! [`Topics::publish_or_hold`] then [`Topics::poll_held`]. A message goes to every
+//! subscriber or to none ([`Topics::try_publish`]); one that finds an inbox full is held
+//! until that inbox makes room, at most `stomp_publish_wait_ms`, and then
+//! [`Topics::publish_now`] cuts whoever is still full (kicked as too slow). The server's own events (chat services, endpoint
 //! pushes) cannot wait and use [`Topics::publish`], which cuts a full subscriber at once.
 //! Must not know about frames: a message is a body and its headers, encoded by the
 //! front-end of each subscriber.
@@ -19,9 +20,15 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::sync::futures::OwnedNotified;
 use tokio::sync::mpsc;
+use tokio::time::{sleep, Sleep};
 
 use super::types::{Kick, Outbox};
 
@@ -43,6 +50,14 @@ pub struct TopicMessage {
     /// The body is UTF-8, so front-ends may send it in a text frame; worked out once per
     /// message, not once per subscriber.
     pub text: bool,
+}
+
+/// A client's publish that found an inbox full: it waits for room until `deadline`.
+pub struct Held {
+    message: Arc<TopicMessage>,
+    deadline: Pin<Box<Sleep>>,
+    /// The full inbox's next release of room, once armed.
+    room: Option<Pin<Box<OwnedNotified>>>,
 }
 
 /// What a connection's inbox receives: which of its subscriptions, and the message.
@@ -208,28 +223,53 @@ impl Topics {
         Ok(subs.len())
     }
 
-    /// Publishes with flow control from a task that may wait: retries while an inbox is
-    /// full, for at most `wait`, then cuts whoever is still full.
-    pub async fn publish_within(&self, message: TopicMessage, wait: std::time::Duration) -> usize {
-        let message = Arc::new(message);
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut waited = false;
+    /// A client's publish with flow control: delivered now if every inbox has room, or
+    /// handed back [`Held`] for [`Topics::poll_held`] to finish.
+    pub fn publish_or_hold(
+        &self,
+        message: Arc<TopicMessage>,
+        wait: Duration,
+    ) -> Result<usize, Held> {
+        match self.try_publish(&message) {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                crate::metrics::handles().topic_publish_waits.increment(1);
+                Err(Held {
+                    message,
+                    deadline: Box::pin(sleep(wait)),
+                    room: None,
+                })
+            }
+        }
+    }
+
+    /// Ready with how many subscribers got the held message: once every inbox has room, or
+    /// at its deadline, when whoever is still full is cut.
+    pub fn poll_held(&self, held: &mut Held, cx: &mut Context<'_>) -> Poll<usize> {
         loop {
-            let full = match self.try_publish(&message) {
-                Ok(n) => return n,
+            let full = match self.try_publish(&held.message) {
+                Ok(n) => return Poll::Ready(n),
                 Err(full) => full,
             };
-            let room = full.room_released();
-            if let Ok(n) = self.try_publish(&message) {
-                return n;
+            if held.deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(self.publish_now(&held.message));
             }
-            if !waited {
-                waited = true;
-                crate::metrics::handles().topic_publish_waits.increment(1);
+            match &mut held.room {
+                Some(room) => {
+                    ready!(room.as_mut().poll(cx));
+                    held.room = None;
+                }
+                // Armed, then tried once more before it is awaited: no release is missed.
+                None => held.room = Some(Box::pin(full.room_released())),
             }
-            if tokio::time::timeout_at(deadline, room).await.is_err() {
-                return self.publish_now(&message);
-            }
+        }
+    }
+
+    /// [`Topics::publish_or_hold`] from a task that may wait (the HTTP publish API).
+    pub async fn publish_within(&self, message: TopicMessage, wait: Duration) -> usize {
+        match self.publish_or_hold(Arc::new(message), wait) {
+            Ok(n) => n,
+            Err(mut held) => std::future::poll_fn(|cx| self.poll_held(&mut held, cx)).await,
         }
     }
 
