@@ -122,10 +122,11 @@ pub struct WsSocket {
 
 /// The "reads nothing" deadline: armed when a write finds the socket full, disarmed by the
 /// next write that moves a byte. Armed and disarmed on those transitions only, so a busy
-/// connection does not touch the timer per write.
+/// connection does not touch the timer per write; its timer is allocated the first time
+/// the socket fills, so an idle connection carries none.
 struct Stall {
     after: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
 }
 
@@ -133,21 +134,28 @@ impl Stall {
     fn new(after: Duration) -> Self {
         Self {
             after,
-            timer: Box::pin(sleep_until(Instant::now() + after)),
+            timer: None,
             armed: false,
         }
     }
 
     fn blocked(&mut self) {
-        if !self.armed {
-            self.armed = true;
-            let at = Instant::now() + self.after;
-            self.timer.as_mut().reset(at);
+        if self.armed {
+            return;
+        }
+        self.armed = true;
+        let at = Instant::now() + self.after;
+        match &mut self.timer {
+            Some(timer) => timer.as_mut().reset(at),
+            None => self.timer = Some(Box::pin(sleep_until(at))),
         }
     }
 
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        self.armed && self.timer.as_mut().poll(cx).is_ready()
+        match &mut self.timer {
+            Some(timer) if self.armed => timer.as_mut().poll(cx).is_ready(),
+            _ => false,
+        }
     }
 }
 
