@@ -43,6 +43,24 @@ fn publish_burst(mut p: Stomp) -> tokio::task::JoinHandle<Stomp> {
     })
 }
 
+/// A server whose live-topic inboxes hold 16 messages or 32 KiB, with a publish wait of
+/// `wait_ms`.
+async fn server(wait_ms: u64) -> TestServer {
+    TestServer::start_with(|c| {
+        c.consumer_queue_max = 16;
+        c.stomp_max_pending_bytes = 32 << 10;
+        c.stomp_publish_wait_ms = wait_ms;
+    })
+    .await
+}
+
+/// Connects a STOMP 1.2 client without heart-beats.
+async fn client(srv: &TestServer) -> Stomp {
+    Stomp::connected(srv, "accept-version:1.2\nheart-beat:0,0\n")
+        .await
+        .0
+}
+
 fn n_of(message: &str) -> usize {
     let body = message.split_once("\n\n").unwrap().1;
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -51,15 +69,9 @@ fn n_of(message: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_subscriber_holds_publishers_back_and_is_not_cut() {
-    let srv = TestServer::start_with(|c| {
-        c.consumer_queue_max = 16;
-        c.stomp_max_pending_bytes = 32 << 10;
-        c.stomp_publish_wait_ms = 60_000;
-    })
-    .await;
+    let srv = server(60_000).await;
     let mut sub = deaf_subscriber(&srv).await;
-    let (p, _) = Stomp::connected(&srv, "accept-version:1.2\nheart-beat:0,0\n").await;
-    let publisher = publish_burst(p);
+    let publisher = publish_burst(client(&srv).await);
     // The subscriber reads nothing for a while; then it reads every message, in order.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for want in 1..=MESSAGES {
@@ -79,17 +91,11 @@ async fn a_full_subscriber_holds_publishers_back_and_is_not_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_full_past_the_wait_is_cut_and_the_publisher_goes_on() {
-    let srv = TestServer::start_with(|c| {
-        c.consumer_queue_max = 16;
-        c.stomp_max_pending_bytes = 32 << 10;
-        c.stomp_publish_wait_ms = 200;
-    })
-    .await;
+    let srv = server(200).await;
     let mut deaf = deaf_subscriber(&srv).await;
-    let (mut reader, _) = Stomp::connected(&srv, "accept-version:1.2\nheart-beat:0,0\n").await;
+    let mut reader = client(&srv).await;
     reader.subscribe("r", TOPIC).await;
-    let (p, _) = Stomp::connected(&srv, "accept-version:1.2\nheart-beat:0,0\n").await;
-    let publisher = publish_burst(p);
+    let publisher = publish_burst(client(&srv).await);
     // The deaf one reads nothing until well past the wait, then finds what fit, in order,
     // then its ERROR and 4009.
     let deaf = tokio::spawn(async move {
