@@ -125,12 +125,19 @@ async fn read_in_order(c: &mut Client, mut last: u64, until: u64) -> (u64, Optio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_cannot_keep_up_falls_behind_and_catches_up_losing_nothing() {
-    let srv = TestServer::start_with(|c| c.consumer_queue_max = 64).await;
+    let srv = TestServer::start_with(|c| {
+        c.consumer_queue_max = 64;
+        c.max_consumers_per_developer = 2;
+    })
+    .await;
     let t = srv.token("/auth/developer").await;
     let mut slow = Client::consumer_small_window(srv.addr, &t).await;
+    let mut witness = srv.consumer().await;
     // The consumer reads nothing while ~16 MB go its way: its socket fills, then its
-    // 64-frame outbox. The producer is never held back by it: all 16,000 are taken in.
+    // 64-frame outbox. The producer is never held back by it: all 16,000 are taken in,
+    // and a second consumer that reads sees all of them dispatched.
     flood(&srv, "fast", 16_000).await;
+    assert_eq!(read_in_order(&mut witness, 0, 16_000).await, (16_000, None));
     // Then it reads: every reading, in order, the older ones from the log, and then live.
     let (last, closed) = read_in_order(&mut slow, 0, 16_000).await;
     assert_eq!((last, closed), (16_000, None));

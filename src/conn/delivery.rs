@@ -74,6 +74,9 @@ struct Cursor {
     owed: bool,
     /// Catching up on an open REPLAY's behalf (its frames count as replayed).
     replaying: bool,
+    /// A live batch written only up to the write bound (a group commit can hold thousands
+    /// of readings); the rest goes out next round. Its outbox room is held until then.
+    part: Option<Arc<Batch>>,
 }
 
 /// A REPLAY waiting its turn.
@@ -118,6 +121,7 @@ impl Delivery {
                 behind: false,
                 owed: true,
                 replaying: false,
+                part: None,
             }),
             ..Self::default()
         })
@@ -201,11 +205,15 @@ impl Delivery {
             }
             let mut sent = 0u64;
             while out.len() < high {
-                match c.rx.poll_recv(cx) {
-                    Poll::Ready(Some(batch)) => sent += write_batch(c, &batch, out, enc),
-                    Poll::Ready(None) => return Poll::Ready(Err(CloseCode::GoingAway)),
-                    Poll::Pending => break,
-                }
+                let batch = match c.part.take() {
+                    Some(batch) => batch,
+                    None => match c.rx.poll_recv(cx) {
+                        Poll::Ready(Some(batch)) => batch,
+                        Poll::Ready(None) => return Poll::Ready(Err(CloseCode::GoingAway)),
+                        Poll::Pending => break,
+                    },
+                };
+                sent += write_batch(c, batch, out, high, enc);
             }
             if sent > 0 {
                 enc.count(sent);
@@ -239,7 +247,11 @@ impl Cursor {
     }
 
     fn drain(&mut self) {
-        while let Ok(batch) = self.rx.try_recv() {
+        let part = self.part.take();
+        for batch in part
+            .into_iter()
+            .chain(std::iter::from_fn(|| self.rx.try_recv().ok()))
+        {
             self.outbox.release(batch.frames.len(), batch.bytes);
         }
     }
@@ -294,15 +306,29 @@ fn write_entries(entries: &[Entry], out: &mut Vec<u8>, enc: &mut impl Encode) ->
 }
 
 /// Writes a live batch's frames from the next seq owed (the rest went out from the log)
-/// and gives its outbox room back; returns the frames written.
-fn write_batch(c: &mut Cursor, batch: &Batch, out: &mut Vec<u8>, enc: &mut impl Encode) -> u64 {
+/// until `out` holds `high` bytes. A batch written to its end gives its outbox room back;
+/// one cut short waits in `c.part`. Returns the frames written.
+fn write_batch(
+    c: &mut Cursor,
+    batch: Arc<Batch>,
+    out: &mut Vec<u8>,
+    high: usize,
+    enc: &mut impl Encode,
+) -> u64 {
     let mut sent = 0;
     for (seq, frame) in batch.from_seq(c.next) {
+        if out.len() >= high {
+            break;
+        }
         enc.frame(out, seq, frame);
         c.next = seq + 1;
         sent += 1;
     }
-    c.outbox.release(batch.frames.len(), batch.bytes);
+    if c.next <= batch.last_seq() {
+        c.part = Some(batch);
+    } else {
+        c.outbox.release(batch.frames.len(), batch.bytes);
+    }
     sent
 }
 
@@ -316,12 +342,13 @@ mod tests {
     use crate::log::SledStore;
     use std::time::{Duration, Instant};
 
-    /// Frames as their seqs.
+    /// Frames as their seqs (and their bytes in `out`, so write bounds apply).
     #[derive(Default)]
     struct Seqs(Vec<u64>);
 
     impl Encode for Seqs {
-        fn frame(&mut self, _out: &mut Vec<u8>, seq: u64, _dispatch: &[u8]) {
+        fn frame(&mut self, out: &mut Vec<u8>, seq: u64, dispatch: &[u8]) {
+            out.extend_from_slice(dispatch);
             self.0.push(seq);
         }
         fn count(&self, _n: u64) {}
@@ -354,6 +381,14 @@ mod tests {
         /// Publishes `n` readings, one group commit each, and waits until all are dispatched.
         async fn publish(&mut self, n: u64) {
             for _ in 0..n {
+                self.burst(1).await;
+            }
+        }
+
+        /// Publishes `n` readings at once (few commits, large batches), then waits until
+        /// all are dispatched.
+        async fn burst(&mut self, n: u64) {
+            for _ in 0..n {
                 let mut buf = Vec::with_capacity(32);
                 buf.extend_from_slice(b"{\"seq\":}");
                 let publish = Publish {
@@ -361,10 +396,10 @@ mod tests {
                     received: Instant::now(),
                 };
                 self.stream.publish(publish).await.unwrap();
-                self.published += 1;
-                while self.stream.durable_mark() < self.published {
-                    tokio::task::yield_now().await;
-                }
+            }
+            self.published += n;
+            while self.stream.durable_mark() < self.published {
+                tokio::task::yield_now().await;
             }
         }
 
@@ -387,16 +422,28 @@ mod tests {
     /// Polls until the delivery has nothing more to send; returns where each write came
     /// from and the seqs written.
     fn drain(d: &mut Delivery) -> (Vec<Sent>, Vec<u64>) {
+        drain_by(d, 1 << 20, |_| {})
+    }
+
+    /// [`drain`] as a socket does it: each round starts from an empty write buffer and may
+    /// fill it to `high`; `round` sees what each round wrote.
+    fn drain_by(
+        d: &mut Delivery,
+        high: usize,
+        mut round: impl FnMut(&[u8]),
+    ) -> (Vec<Sent>, Vec<u64>) {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut enc = Seqs::default();
         let mut sources = Vec::new();
         let mut out = Vec::new();
         loop {
-            match d.poll_send(&mut cx, &mut out, 1 << 20, 3, &mut enc) {
+            match d.poll_send(&mut cx, &mut out, high, 3, &mut enc) {
                 Poll::Ready(Ok(sent)) => sources.push(sent),
                 Poll::Ready(Err(code)) => panic!("closed with {code:?}"),
                 Poll::Pending => return (sources, enc.0),
             }
+            round(&out);
+            out.clear();
         }
     }
 
@@ -418,6 +465,26 @@ mod tests {
         let (sources, seqs) = drain(&mut d);
         assert_eq!(seqs, vec![11, 12]);
         assert!(sources.iter().all(|s| *s == Sent::Live));
+        f.close(d).await;
+    }
+
+    #[tokio::test]
+    async fn a_large_live_batch_goes_out_a_write_bound_at_a_time() {
+        let mut f = Fixture::new();
+        let (mut d, outbox) = f.consumer(10_000).await;
+        f.burst(500).await;
+        assert!(!outbox.is_lagging(), "the outbox had room for every batch");
+        // A round may pass the bound by one frame, never by a batch.
+        let frame = br#"{"seq":}"#.len() + 3;
+        let high = 4 * frame;
+        let (sources, seqs) = drain_by(&mut d, high, |out| assert!(out.len() < high + frame));
+        assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
+        assert!(sources.iter().all(|s| *s == Sent::Live));
+        assert_eq!(
+            outbox.queued_frames(),
+            0,
+            "room comes back once a batch is written"
+        );
         f.close(d).await;
     }
 
