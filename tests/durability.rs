@@ -275,9 +275,31 @@ async fn a_full_disk_refuses_producers_turns_unready_and_recovers_losing_nothing
         !seen.is_empty(),
         "readings were stored before the disk filled"
     );
-    // sled refuses every write after an I/O error until it is reopened: room again, then a
-    // restart (kill -9: its final flush could not succeed either).
+    // Room again: the same server probes the disk, turns ready and takes readings again.
     fs.resize("64m");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while readyz(addr).await != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ready again once the disk has room"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut consumer =
+        Client::identified(addr, &token(addr, "/auth/developer", DEV, KEY).await, 1).await;
+    let t = token(addr, "/auth/user?id=r", DEV, KEY).await;
+    let mut resumed = Client::identified(addr, &t, 0).await;
+    // The owner refuses publishes for a second after a failed commit.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    resumed.submit("STEPS", r#"{"resumed":true}"#).await;
+    let after_full = consumer.recv().await;
+    let (seq, uid, _, _) = dispatch(&after_full);
+    assert_eq!(uid, "r");
+    assert!(seq > dispatch(seen.last().unwrap()).0, "no seq reused");
+    let mut seen = seen;
+    seen.push(after_full);
+    drop((consumer, resumed));
+    // And a crash then keeps exactly what was dispatched.
     server.kill9();
     let server = Process::start(&cfg, port).await;
     let addr = server.addr;

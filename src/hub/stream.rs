@@ -296,6 +296,11 @@ impl Owner {
         self.shared.log.append(first, now_ms(), frames)?;
         if self.durability == Durability::Strict {
             self.store.commit().await.map_err(|_| LogError::Closed)??;
+            // The commit that answered may have come after one that failed with these
+            // readings in it (and dropped them).
+            if self.shared.log.written() < last {
+                return Err(LogError::NotWritable);
+            }
         }
         Ok(())
     }

@@ -1,14 +1,20 @@
-//! Group commit: one thread that turns many "make it durable" requests into one flush.
+//! Group commit: one thread that turns many "make it durable" requests into one write.
 //!
-//! Owns the flush thread of a [`super::SledStore`]. Stream owners ask for a commit and await
-//! the answer; every request that arrives while a flush runs shares the next one. Each flush
-//! first moves the streams' in-memory tails into sled, then flushes and syncs. In fast
-//! durability the same thread also flushes on a timer whenever something was appended.
+//! Owns the segment writer of a [`super::SledStore`]. Stream owners ask for a commit and await
+//! the answer; every request that arrives while a commit runs shares the next one. Each commit
+//! encodes every stream's tail into one reused buffer, writes it with one `pwrite`, syncs it
+//! with one `fdatasync`, then indexes the records. In fast durability the same thread also
+//! commits on a timer whenever something was appended.
+//!
+//! A failed write is cut off the file (see `segment::Writer::append`). What it held then
+//! depends on the mode: in strict mode its readings were never dispatched and are dropped
+//! (their owners learn it from [`super::StreamLog::written`]); in fast mode they were, and
+//! stay in their tails to be written once the disk takes writes again. While the store
+//! cannot write, each timer tick probes the disk, so it becomes writable again without a
+//! restart once there is room.
 
-use std::collections::HashSet;
-use std::ffi::OsString;
+use bytes::Bytes;
 use std::fs::File;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -16,49 +22,54 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use super::sled_store::Pending;
+use super::segment::{self, Loc, Writer};
+use super::sled_store::{checkpoint, checkpoint_key, raise_reserved, IndexEntry, Shared, Tail};
 use super::LogError;
+use crate::config::Durability;
 
 type Waiter = oneshot::Sender<Result<(), LogError>>;
+
+/// A commit buffer larger than this is given back after the commit that grew it.
+const KEEP_BUF: usize = 8 << 20;
+/// Bytes written (then cut off) to see whether a disk that failed takes writes again.
+const PROBE_BYTES: usize = 64 << 10;
 
 pub(super) struct Committer {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Waiter>>>,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
-    /// Set by every append, cleared by every flush: the timer flushes only when it is set.
-    pub(super) dirty: Arc<AtomicBool>,
-    /// Cleared by a failed flush, set by a good one.
+    /// Cleared by a failed commit, set by a good one (or a good probe).
     pub(super) writable: Arc<AtomicBool>,
 }
 
 impl Committer {
-    /// Starts the flush thread. `interval` is the timed flush of fast durability.
+    /// Starts the commit thread. `interval` is the timed commit of fast durability (and the
+    /// probe interval of a failed disk).
     pub(super) fn start(
-        db: sled::Db,
-        dir: PathBuf,
-        data_file: File,
-        interval: Option<Duration>,
-        pending: Arc<Pending>,
+        shared: Arc<Shared>,
+        index_file: File,
+        writer: Writer,
+        interval: Duration,
+        durability: Durability,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let dirty = Arc::new(AtomicBool::new(false));
         let writable = Arc::new(AtomicBool::new(true));
-        let store = Flush {
+        let flush = Flush {
             writable: writable.clone(),
-            db,
-            data_file,
-            blobs: dir.join("blobs"),
-            synced_blobs: HashSet::new(),
-            dirty: dirty.clone(),
-            pending,
+            shared,
+            index_file,
+            writer,
+            keep_failed: durability == Durability::Fast,
+            buf: Vec::new(),
+            runs: Vec::new(),
+            staged: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("sensorgate-commit".into())
-            .spawn(move || run(store, rx, interval))
+            .spawn(move || run(flush, rx, interval))
             .expect("the commit thread starts");
         Self {
             tx: parking_lot::Mutex::new(Some(tx)),
             thread: parking_lot::Mutex::new(Some(thread)),
-            dirty,
             writable,
         }
     }
@@ -78,7 +89,7 @@ impl Committer {
         wait
     }
 
-    /// Stops the thread after a last flush.
+    /// Stops the thread after a last commit.
     pub(super) fn stop(&self) {
         self.tx.lock().take();
         if let Some(thread) = self.thread.lock().take() {
@@ -87,50 +98,62 @@ impl Committer {
     }
 }
 
-/// What one flush touches.
-struct Flush {
-    writable: Arc<AtomicBool>,
-    db: sled::Db,
-    data_file: File,
-    /// sled's directory of values too large for its log.
-    blobs: PathBuf,
-    /// Blob files already synced.
-    synced_blobs: HashSet<OsString>,
-    dirty: Arc<AtomicBool>,
-    pending: Arc<Pending>,
+/// A record encoded into the commit buffer, to index once it is on disk.
+struct Staged {
+    tail: usize,
+    first: u64,
+    count: u32,
+    ts_ms: u64,
+    at: usize,
+    len: u32,
 }
 
-fn run(mut store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>) {
+/// What one commit touches.
+struct Flush {
+    writable: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+    /// sled's file, synced before a segment file is deleted.
+    index_file: File,
+    writer: Writer,
+    /// Fast mode: a failed commit's readings were dispatched; keep them to write later.
+    keep_failed: bool,
+    buf: Vec<u8>,
+    runs: Vec<(u64, u64, Arc<[Bytes]>)>,
+    staged: Vec<Staged>,
+}
+
+fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
     let mut waiters: Vec<Waiter> = Vec::new();
     loop {
-        let first = match interval {
-            Some(every) => rx.recv_timeout(every),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match first {
+        match rx.recv_timeout(interval) {
             Ok(w) => waiters.push(w),
             Err(RecvTimeoutError::Timeout) => {
-                if !store.dirty.load(Ordering::Acquire) {
+                if !flush.writable.load(Ordering::Acquire) && !flush.probe() {
+                    continue;
+                }
+                if !flush.shared.dirty.load(Ordering::Acquire) {
                     continue;
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = store.flush() {
-                    tracing::error!(error = %e, "final flush failed");
+                if let Err(e) = flush.commit() {
+                    tracing::error!(error = %e, "final commit failed");
                 }
                 return;
             }
         }
         waiters.extend(rx.try_iter());
-        let result = store.flush();
-        // sled refuses every write after an I/O error until it is reopened, so a store that
-        // failed stays unwritable (and `/readyz` 503) until the restart; no retry loop.
-        let was_writable = store.writable.swap(result.is_ok(), Ordering::AcqRel);
-        if let Err(e) = &result {
-            crate::metrics::handles().store_errors.increment(1);
-            if was_writable {
-                tracing::error!(error = %e, "group commit failed; /readyz is 503 until a restart");
+        let result = flush.commit();
+        let was_writable = flush.writable.swap(result.is_ok(), Ordering::AcqRel);
+        match &result {
+            Err(e) => {
+                crate::metrics::handles().store_errors.increment(1);
+                if was_writable {
+                    tracing::error!(error = %e, "group commit failed; /readyz is 503 until the disk takes writes again");
+                }
             }
+            Ok(()) if !was_writable => tracing::info!("the store writes again"),
+            Ok(()) => {}
         }
         for w in waiters.drain(..) {
             let answer = match &result {
@@ -143,46 +166,145 @@ fn run(mut store: Flush, rx: mpsc::Receiver<Waiter>, interval: Option<Duration>)
 }
 
 impl Flush {
-    /// sled's own flush uses `sync_file_range`, which neither writes metadata nor flushes the
-    /// device cache; the explicit `fdatasync` of its data file is what survives a power cut.
-    fn flush(&mut self) -> Result<(), LogError> {
-        self.dirty.store(false, Ordering::Release);
-        self.pending.move_all()?;
-        let started = Instant::now();
-        self.db.flush()?;
-        self.data_file.sync_data()?;
-        self.sync_blobs()?;
-        crate::metrics::handles()
-            .fsync_seconds
-            .record(started.elapsed().as_secs_f64());
+    /// Writes and syncs every tail, then indexes what it wrote.
+    fn commit(&mut self) -> Result<(), LogError> {
+        self.shared.dirty.store(false, Ordering::Release);
+        let tails = self.shared.take_pending();
+        self.buf.clear();
+        self.staged.clear();
+        let mut through: Vec<Option<u64>> = Vec::with_capacity(tails.len());
+        let mut reserves: Vec<(usize, u64)> = Vec::new();
+        for (i, tail) in tails.iter().enumerate() {
+            if let Some(r) = tail.reserve.lock().take() {
+                segment::encode_reserve(&mut self.buf, &tail.name, r);
+                reserves.push((i, r));
+            }
+            let staged = &mut self.staged;
+            through.push(tail.encode(
+                &mut self.buf,
+                &mut self.runs,
+                |first, count, ts_ms, at, len| {
+                    staged.push(Staged {
+                        tail: i,
+                        first,
+                        count,
+                        ts_ms,
+                        at,
+                        len,
+                    })
+                },
+            ));
+        }
+        self.runs.clear();
+        if !self.buf.is_empty() {
+            let started = Instant::now();
+            match self.writer.append(&self.buf) {
+                Ok(written) => {
+                    crate::metrics::handles()
+                        .fsync_seconds
+                        .record(started.elapsed().as_secs_f64());
+                    self.index(&tails, &through, &reserves, written)?;
+                }
+                Err(e) => {
+                    self.failed(&tails, &through, &reserves);
+                    return Err(e);
+                }
+            }
+        }
+        if self.buf.capacity() > KEEP_BUF {
+            self.buf = Vec::new();
+        }
+        self.delete_dead_segments()
+    }
+
+    /// Indexes the records just written at `(segment, at)` and moves the checkpoint past
+    /// them; then the tails let go of them.
+    fn index(
+        &mut self,
+        tails: &[Arc<Tail>],
+        through: &[Option<u64>],
+        reserves: &[(usize, u64)],
+        (segment, at): (u64, u64),
+    ) -> Result<(), LogError> {
+        for s in &self.staged {
+            let entry = IndexEntry {
+                loc: Loc {
+                    segment,
+                    offset: at + s.at as u64,
+                    len: s.len,
+                },
+                count: s.count,
+                ts_ms: s.ts_ms,
+            };
+            tails[s.tail]
+                .tree
+                .insert(s.first.to_be_bytes(), &entry.encode())?;
+        }
+        *self.shared.live.lock().entry(segment).or_default() += self.staged.len() as u64;
+        for &(i, r) in reserves {
+            raise_reserved(&self.shared.meta, &tails[i].name, r)?;
+        }
+        let (id, end) = self.writer.position();
+        self.shared
+            .meta
+            .insert(checkpoint_key(), &checkpoint(id, end))?;
+        for (tail, through) in tails.iter().zip(through) {
+            if let Some(seq) = through {
+                tail.written_through(*seq);
+            }
+        }
         Ok(())
     }
 
-    /// sled writes a value too large for its log (a reading near `max_frame_bytes`, whose
-    /// leaf then outgrows a quarter segment) to a file of its own and never syncs it or its
-    /// directory; the commit depends on it, so it is synced here. Records are sized so that
-    /// this is rare (see `sled_store`); when nothing new is there it costs one `readdir`.
-    fn sync_blobs(&mut self) -> Result<(), LogError> {
-        let entries = match std::fs::read_dir(&self.blobs) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        let mut created = false;
-        for entry in entries {
-            let entry = entry?;
-            // Blob names are log offsets, never reused: one entry per blob ever written.
-            if !self.synced_blobs.contains(&entry.file_name()) {
-                File::open(entry.path())?.sync_all()?;
-                self.synced_blobs.insert(entry.file_name());
-                created = true;
-            }
+    /// A write failed and was cut off: the tails and reservations go back on the list to be
+    /// written later (fast), or the readings go (strict; their owners were never told they
+    /// were stored, and learn it from `written`).
+    fn failed(&self, tails: &[Arc<Tail>], through: &[Option<u64>], reserves: &[(usize, u64)]) {
+        for &(i, r) in reserves {
+            let mut pending = tails[i].reserve.lock();
+            *pending = Some(pending.map_or(r, |p| p.max(r)));
         }
-        if created {
-            File::open(&self.blobs)?.sync_all()?;
-            if let Some(parent) = self.blobs.parent() {
-                File::open(parent)?.sync_all()?;
+        for (tail, through) in tails.iter().zip(through) {
+            if let (false, Some(seq)) = (self.keep_failed, through) {
+                tail.runs.lock().retain(|r| r.first > *seq);
             }
+            self.shared.list(tail);
+        }
+        self.shared.dirty.store(true, Ordering::Release);
+    }
+
+    /// Whether the disk takes writes again; a good probe makes the store writable.
+    fn probe(&mut self) -> bool {
+        match self.writer.probe(PROBE_BYTES) {
+            Ok(()) => {
+                self.writable.store(true, Ordering::Release);
+                tracing::info!("the disk takes writes again");
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Deletes the segment files retention left with no index entry, once sled has synced
+    /// the removals: an index recovered after a crash must not point into a deleted file.
+    fn delete_dead_segments(&mut self) -> Result<(), LogError> {
+        let (current, _) = self.writer.position();
+        let dead: Vec<u64> = self
+            .shared
+            .live
+            .lock()
+            .range(..current)
+            .filter(|(_, n)| **n == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        if dead.is_empty() {
+            return Ok(());
+        }
+        self.shared.db.flush()?;
+        self.index_file.sync_data()?;
+        for id in dead {
+            self.shared.segments.remove(id)?;
+            self.shared.live.lock().remove(&id);
         }
         Ok(())
     }

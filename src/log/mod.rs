@@ -7,6 +7,7 @@
 
 mod commit;
 mod record;
+mod segment;
 mod sled_store;
 
 pub use record::{decode_batch, encode_batch, BatchHeader};
@@ -29,6 +30,8 @@ pub enum LogError {
     Closed,
     #[error("store cannot write (an earlier commit failed)")]
     NotWritable,
+    #[error("the data directory was written by another version of sensorgate; move it aside or point data_dir elsewhere")]
+    Format,
 }
 
 /// Where a stream stands when its owner starts.
@@ -81,6 +84,10 @@ pub trait StreamLog: Send + Sync + 'static {
     /// Drops readings `first..=last` that were appended but whose commit failed: they were
     /// never dispatched, so no read may ever return them.
     fn discard(&self, first: u64, last: u64) -> Result<(), LogError>;
+    /// The newest seq a successful commit has written. A commit that succeeds after an
+    /// earlier one failed does not vouch for readings the failed one dropped: in strict
+    /// mode the owner checks its readings against this.
+    fn written(&self) -> u64;
     /// Records that seqs up to `through` may be handed out before their readings are durable,
     /// so that no seq is reused after a crash. Durable after the next [`Store::commit`].
     fn reserve(&self, through: u64) -> Result<(), LogError>;

@@ -1,9 +1,8 @@
 //! The on-disk format of one stored record: a header, then length-prefixed frames.
 //!
-//! `[ts_ms: u64 LE][count: u32 LE]` then `count` times `[len: u32 LE][frame bytes]`, stored
-//! under the big-endian first seq so that keys sort in seq order. A record holds what one
-//! stream appended between two flushes, which keeps the store's per-key overhead off the
-//! per-reading path.
+//! `[ts_ms: u64 LE][count: u32 LE]` then `count` times `[len: u32 LE][frame bytes]`, inside a
+//! segment record (see `segment.rs`). A record holds a run of one stream's readings from
+//! one flush, which keeps the index's per-entry cost off the per-reading path.
 
 use bytes::{BufMut, Bytes};
 
@@ -20,13 +19,18 @@ const HEADER: usize = 12;
 pub fn encode_batch(ts_ms: u64, frames: &[Bytes]) -> Vec<u8> {
     let body: usize = frames.iter().map(|f| 4 + f.len()).sum();
     let mut out = Vec::with_capacity(HEADER + body);
+    encode_batch_into(&mut out, ts_ms, frames);
+    out
+}
+
+/// Appends a batch record to `out`.
+pub fn encode_batch_into(out: &mut Vec<u8>, ts_ms: u64, frames: &[Bytes]) {
     out.put_u64_le(ts_ms);
     out.put_u32_le(frames.len() as u32);
     for frame in frames {
         out.put_u32_le(frame.len() as u32);
         out.put_slice(frame);
     }
-    out
 }
 
 /// Reads a record's header, or `None` if it is too short to hold one.

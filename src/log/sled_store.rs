@@ -1,19 +1,30 @@
-//! The embedded store: one sled database under the data directory.
+//! The embedded store: readings in segment files, found again through an index in sled.
 //!
-//! Layout: a tree `stream/<id>` per stream holding records keyed by their big-endian first
-//! seq, and a tree `meta` holding each stream's reserved seq high-water mark under
-//! `reserved/<id>`.
+//! Layout under the data directory: sled's files, and `segments/` (see `segment.rs`). sled
+//! holds a tree `stream/<id>` per stream mapping each record's big-endian first seq to where
+//! it lies ([`IndexEntry`]), and a tree `meta` with each stream's reserved seq high-water
+//! mark under `reserved/<id>` and the log position the index covers under `checkpoint`.
 //!
-//! An append does not touch sled: it lands in the stream's in-memory tail, where reads see it
-//! at once. The [`Committer`] moves every tail into sled, one record per stream, right before
-//! each flush. A sled insert costs a tree descent, a page rewrite and, with sequential keys, a
-//! node split every ninth record (its leaves hold 16 entries); profiled under 2,000 producers
-//! it was 29 % of the server's CPU at one insert per group commit. Moving tails per flush
-//! makes it one insert per stream per flush interval instead.
+//! The segment files are the truth; sled is a cache of where things are. A commit writes and
+//! syncs the records first, then indexes them and moves the checkpoint; sled persists on its
+//! own timer, in order, so whatever prefix of its updates a crash leaves, recovery re-reads
+//! the segments from the recovered checkpoint and indexes what follows. Retention removes
+//! index entries, and a segment file goes only once no entry points into it and sled has
+//! been synced: an index that survives a crash never points into a deleted file.
+//!
+//! Why not the readings in sled itself, as before: sled rewrites a leaf page per insert and
+//! writes any value over a quarter of its 512 KiB segment to an unsynced file of its own;
+//! records kept under that threshold cost 35 % of the server's CPU in sled's I/O threads and
+//! p99 SUBMIT→DISPATCH of 7–10 ms at 10,000 readings/s in strict mode. BENCHMARKS.md has the
+//! figures against this layout.
+//!
+//! An append does not touch the disk: it lands in the stream's in-memory tail, where reads
+//! see it at once (the stream's owner holds readers at its durable mark). The [`Committer`]
+//! writes every tail in one go at each flush.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,132 +32,187 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::commit::Committer;
-use super::record::{decode_batch, encode_batch, header};
+use super::segment::{self, Item, Loc, Segments};
 use super::{Entry, LogError, ReadLimit, Recovered, Store, StreamLog};
 use crate::config::Durability;
 
 const STREAM_PREFIX: &str = "stream/";
-/// sled's page cache; the log is read mostly at its tail, so a modest cache serves replay.
-const CACHE_BYTES: u64 = 256 << 20;
-/// Most frame bytes in one stored record (one larger reading is stored alone). sled writes
-/// any log message over a quarter of its 512 KiB segment to a separate, never-synced file
-/// under `blobs/`, and a leaf node's consolidation (up to 17 records) is one message: 17
-/// records of 6 KiB stay under it.
-const RECORD_MAX_BYTES: usize = 6 << 10;
+/// sled's page cache: it holds only the index, 32 bytes per record.
+const CACHE_BYTES: u64 = 32 << 20;
+/// Most frame bytes in one record (one larger reading is stored alone): the unit a read of
+/// the log fetches, so a consumer catching up on a few readings does not read megabytes.
+const RECORD_MAX_BYTES: usize = 64 << 10;
+/// `meta` keys.
+const CHECKPOINT: &[u8] = b"checkpoint";
+const FORMAT: &[u8] = b"format";
+/// The on-disk layout this code reads; a directory written by another is refused.
+const FORMAT_VERSION: u64 = 2;
+/// How often sled persists the index in the background. Its durability is not what commits
+/// rely on (see above); it bounds how much of the log a restart re-reads.
+const INDEX_FLUSH_MS: u64 = 1000;
 
 pub struct SledStore {
     db: sled::Db,
-    meta: sled::Tree,
     committer: Committer,
-    pending: Arc<Pending>,
+    shared: Arc<Shared>,
     /// Every stream opened so far: one tail per stream, whoever opens it.
     streams: Mutex<HashMap<String, Arc<SledStream>>>,
 }
 
-/// The streams whose tails hold appends not yet in sled.
-#[derive(Default)]
-pub(super) struct Pending {
-    streams: Mutex<Vec<Arc<Tail>>>,
+/// What the store, its streams and the commit thread share.
+pub(super) struct Shared {
+    pub(super) db: sled::Db,
+    pub(super) meta: sled::Tree,
+    pub(super) segments: Arc<Segments>,
+    /// The streams whose tails hold appends not yet written.
+    pending: Mutex<Vec<Arc<Tail>>>,
+    /// Index entries pointing into each segment file; a file at zero (and not the one
+    /// being written) can go.
+    pub(super) live: Mutex<BTreeMap<u64, u64>>,
+    /// Set by every append and by retention, cleared by every flush.
+    pub(super) dirty: AtomicBool,
 }
 
-impl Pending {
-    /// Moves every listed tail into sled; called by the committer before it flushes.
-    pub(super) fn move_all(&self) -> Result<(), LogError> {
-        let streams = std::mem::take(&mut *self.streams.lock());
-        let mut result = Ok(());
-        for tail in streams {
-            // Cleared first: an append from now on lists the stream again, and one that came
-            // just before is moved below.
+impl Shared {
+    /// The tails with something to write, each taken off the list (an append from now on
+    /// lists its stream again).
+    pub(super) fn take_pending(&self) -> Vec<Arc<Tail>> {
+        let tails = std::mem::take(&mut *self.pending.lock());
+        for tail in &tails {
             tail.listed.store(false, Ordering::SeqCst);
-            if let Err(e) = tail.move_to_sled() {
-                // Keep it listed so its appends are tried again at the next flush.
-                self.list(&tail);
-                result = Err(e);
-            }
         }
-        result
+        tails
     }
 
-    fn list(&self, tail: &Arc<Tail>) {
+    pub(super) fn list(&self, tail: &Arc<Tail>) {
         if !tail.listed.swap(true, Ordering::SeqCst) {
-            self.streams.lock().push(tail.clone());
+            self.pending.lock().push(tail.clone());
         }
     }
 }
 
-/// One stream's appends that are not in sled yet, in seq order.
+/// Where one stored record is, and what retention needs to know of it without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct IndexEntry {
+    pub loc: Loc,
+    pub count: u32,
+    pub ts_ms: u64,
+}
+
+impl IndexEntry {
+    const LEN: usize = 32;
+
+    pub(super) fn encode(&self) -> [u8; Self::LEN] {
+        let mut v = [0u8; Self::LEN];
+        v[0..8].copy_from_slice(&self.loc.segment.to_le_bytes());
+        v[8..16].copy_from_slice(&self.loc.offset.to_le_bytes());
+        v[16..20].copy_from_slice(&self.loc.len.to_le_bytes());
+        v[20..24].copy_from_slice(&self.count.to_le_bytes());
+        v[24..32].copy_from_slice(&self.ts_ms.to_le_bytes());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Self> {
+        let u64_at = |i: usize| Some(u64::from_le_bytes(v.get(i..i + 8)?.try_into().ok()?));
+        let u32_at = |i: usize| Some(u32::from_le_bytes(v.get(i..i + 4)?.try_into().ok()?));
+        (v.len() == Self::LEN).then_some(())?;
+        Some(Self {
+            loc: Loc {
+                segment: u64_at(0)?,
+                offset: u64_at(8)?,
+                len: u32_at(16)?,
+            },
+            count: u32_at(20)?,
+            ts_ms: u64_at(24)?,
+        })
+    }
+}
+
+/// One run of consecutive readings appended by the stream's owner.
+pub(super) struct Run {
+    pub first: u64,
+    pub ts_ms: u64,
+    pub frames: Arc<[Bytes]>,
+}
+
+impl Run {
+    fn last(&self) -> u64 {
+        self.first + self.frames.len() as u64 - 1
+    }
+}
+
+/// One stream's appends that are not written yet, in seq order, and what the commit thread
+/// needs to write and index them.
 pub(super) struct Tail {
-    tree: sled::Tree,
-    meta: sled::Tree,
-    /// `committed/<stream>`: the newest seq moved into sled, written with every move.
-    committed_key: Vec<u8>,
-    batches: Mutex<VecDeque<(u64, u64, Vec<Bytes>)>>,
-    /// On the [`Pending`] list.
+    pub(super) name: String,
+    pub(super) tree: sled::Tree,
+    pub(super) reserved_key: Vec<u8>,
+    pub(super) runs: Mutex<VecDeque<Run>>,
+    /// A reservation to write with the next flush.
+    pub(super) reserve: Mutex<Option<u64>>,
+    /// On the pending list.
     listed: AtomicBool,
-    /// Held while moving: the committer and retention both move, and two moves of one tail
-    /// at once could store a shorter record over a longer one.
-    moving: Mutex<()>,
+    /// The newest seq a successful commit wrote.
+    pub(super) written: AtomicU64,
 }
 
 impl Tail {
-    /// Stores the tail as records of consecutive seqs, then drops what was stored. Readers
-    /// never miss a reading: it leaves the tail only once it is in sled.
-    fn move_to_sled(&self) -> Result<(), LogError> {
-        let _moving = self.moving.lock();
-        let records = self.records();
-        let Some(through) = records
-            .last()
-            .map(|(first, _, frames)| first + frames.len() as u64 - 1)
-        else {
-            return Ok(());
+    /// Encodes the tail into `buf` as records of consecutive seqs (a skipped seq block
+    /// starts a new one) of at most [`RECORD_MAX_BYTES`], each stamped with its newest
+    /// reading's time so that age-based retention never drops a reading early. Calls
+    /// `staged` with each record's first seq, count, stamp and place in `buf`; returns the
+    /// newest seq encoded.
+    pub(super) fn encode(
+        &self,
+        buf: &mut Vec<u8>,
+        runs: &mut Vec<(u64, u64, Arc<[Bytes]>)>,
+        mut staged: impl FnMut(u64, u32, u64, usize, u32),
+    ) -> Option<u64> {
+        runs.clear();
+        runs.extend(
+            self.runs
+                .lock()
+                .iter()
+                .map(|r| (r.first, r.ts_ms, r.frames.clone())),
+        );
+        let through = runs.last().map(|(first, _, f)| first + f.len() as u64 - 1);
+        let mut record: Vec<Bytes> = Vec::new();
+        let (mut start, mut ts, mut bytes) = (0u64, 0u64, 0usize);
+        let mut flush = |record: &mut Vec<Bytes>, start: u64, ts: u64, buf: &mut Vec<u8>| {
+            if !record.is_empty() {
+                let (at, len) = segment::encode_readings(buf, &self.name, start, ts, record);
+                staged(start, record.len() as u32, ts, at, len);
+                record.clear();
+            }
         };
-        for (first, ts, frames) in &records {
-            self.tree
-                .insert(first.to_be_bytes(), encode_batch(*ts, frames))?;
-        }
-        // After the records, in sled's one log: a recovered mark means its records were
-        // recovered too, and records past the recovered mark belong to a flush that never
-        // finished (see `SledStream::recover`).
-        self.meta
-            .insert(&self.committed_key, &through.to_be_bytes())?;
-        let mut tail = self.batches.lock();
-        while tail
-            .front()
-            .is_some_and(|(first, _, frames)| first + frames.len() as u64 <= through + 1)
-        {
-            tail.pop_front();
-        }
-        Ok(())
-    }
-
-    /// The tail as records to store: runs of consecutive seqs (a skipped seq block starts a
-    /// new one) of at most [`RECORD_MAX_BYTES`], stamped with their newest reading's time so
-    /// that age-based retention never drops a reading early. The frames are shared, not
-    /// copied.
-    fn records(&self) -> Vec<(u64, u64, Vec<Bytes>)> {
-        let tail = self.batches.lock();
-        let mut records: Vec<(u64, u64, Vec<Bytes>)> = Vec::new();
-        let mut bytes = 0;
-        for (first, ts, frames) in tail.iter() {
+        for (first, stamp, frames) in runs.iter() {
             for (i, frame) in frames.iter().enumerate() {
                 let seq = first + i as u64;
                 let size = 4 + frame.len();
-                match records.last_mut() {
-                    Some((start, stamp, run))
-                        if *start + run.len() as u64 == seq && bytes + size <= RECORD_MAX_BYTES =>
-                    {
-                        *stamp = *ts;
-                        run.push(frame.clone());
-                        bytes += size;
-                    }
-                    _ => {
-                        records.push((seq, *ts, vec![frame.clone()]));
-                        bytes = size;
-                    }
+                let joins = !record.is_empty()
+                    && start + record.len() as u64 == seq
+                    && bytes + size <= RECORD_MAX_BYTES;
+                if !joins {
+                    flush(&mut record, start, ts, buf);
+                    start = seq;
+                    bytes = 0;
                 }
+                record.push(frame.clone());
+                ts = *stamp;
+                bytes += size;
             }
         }
-        records
+        flush(&mut record, start, ts, buf);
+        through
+    }
+
+    /// Drops what a commit wrote (through `seq`) from the tail: reads find it indexed now.
+    pub(super) fn written_through(&self, seq: u64) {
+        self.written.fetch_max(seq, Ordering::AcqRel);
+        let mut runs = self.runs.lock();
+        while runs.front().is_some_and(|r| r.last() <= seq) {
+            runs.pop_front();
+        }
     }
 }
 
@@ -154,18 +220,26 @@ impl Tail {
 const LOCK_RETRIES: u32 = 100;
 
 impl SledStore {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, recovering the log's tail after a crash.
     pub fn open(
         dir: &Path,
         durability: Durability,
         fast_flush: Duration,
     ) -> Result<Self, LogError> {
+        Self::open_with(dir, durability, fast_flush, segment::SEGMENT_BYTES)
+    }
+
+    fn open_with(
+        dir: &Path,
+        durability: Durability,
+        fast_flush: Duration,
+        segment_bytes: u64,
+    ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir)?;
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(CACHE_BYTES)
-            // Our committer flushes (and fsyncs); sled's own timer would only duplicate it.
-            .flush_every_ms(None);
+            .flush_every_ms(Some(INDEX_FLUSH_MS));
         // sled lets go of its directory's file lock from a background thread after the last
         // handle drops, so a store reopened at once in the same process (a restart in place)
         // can find it still held. Wait for that, boundedly; a directory another process
@@ -183,31 +257,175 @@ impl SledStore {
             }
         };
         let meta = db.open_tree("meta")?;
-        // Make the files sled just created durable, directory entries included.
+        check_format(&db, &meta)?;
+        let seg_dir = dir.join("segments");
+        std::fs::create_dir_all(&seg_dir)?;
+        // Make the files and directories just created durable, directory entries included.
         db.flush()?;
         let data_file = std::fs::File::open(dir.join("db"))?;
         data_file.sync_all()?;
-        std::fs::File::open(dir)?.sync_all()?;
+        segment::sync_dir(dir)?;
+        let shared = Arc::new(Shared {
+            db: db.clone(),
+            meta,
+            segments: Arc::new(Segments::new(seg_dir, segment_bytes)),
+            pending: Mutex::new(Vec::new()),
+            live: Mutex::new(BTreeMap::new()),
+            dirty: AtomicBool::new(false),
+        });
+        let (segment_id, end) = recover_log(&shared)?;
+        count_live(&shared)?;
         let interval = match durability {
-            Durability::Fast => Some(fast_flush),
-            Durability::Strict => Some(Duration::from_millis(1000)),
+            Durability::Fast => fast_flush,
+            Durability::Strict => Duration::from_millis(1000),
         };
-        let pending = Arc::new(Pending::default());
         let committer = Committer::start(
-            db.clone(),
-            dir.to_path_buf(),
+            shared.clone(),
             data_file,
+            segment::Writer::open(shared.segments.clone(), segment_id, end)?,
             interval,
-            pending.clone(),
+            durability,
         );
         Ok(Self {
             db,
-            meta,
             committer,
-            pending,
+            shared,
             streams: Mutex::new(HashMap::new()),
         })
     }
+}
+
+/// A new directory gets the current format; one with streams but another format is refused
+/// rather than misread.
+fn check_format(db: &sled::Db, meta: &sled::Tree) -> Result<(), LogError> {
+    match meta.get(FORMAT)? {
+        Some(v) if v.as_ref() == FORMAT_VERSION.to_be_bytes() => Ok(()),
+        Some(_) => Err(LogError::Format),
+        None if db
+            .tree_names()
+            .iter()
+            .any(|n| n.starts_with(STREAM_PREFIX.as_bytes())) =>
+        {
+            Err(LogError::Format)
+        }
+        None => {
+            meta.insert(FORMAT, &FORMAT_VERSION.to_be_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+/// Indexes whatever the segments hold past the checkpoint, cutting a torn write off the
+/// newest file; returns where the writer carries on.
+fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
+    let (from_id, from_at) = match shared.meta.get(CHECKPOINT)? {
+        Some(v) if v.len() == 16 => (
+            u64::from_be_bytes(v[0..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(v[8..16].try_into().expect("8 bytes")),
+        ),
+        _ => (1, 0),
+    };
+    let ids = shared.segments.ids()?;
+    let newest = ids.last().copied();
+    let mut end = (from_id.max(1), 0);
+    let mut trees: HashMap<String, sled::Tree> = HashMap::new();
+    for &id in ids.iter().filter(|&&id| id >= from_id) {
+        let from = if id == from_id { from_at } else { 0 };
+        let at = shared
+            .segments
+            .scan(id, from, Some(id) == newest, |loc, item| match item {
+                Item::Readings {
+                    stream,
+                    first_seq,
+                    head,
+                } => {
+                    let tree = match trees.get(stream) {
+                        Some(t) => t.clone(),
+                        None => {
+                            let t = shared.db.open_tree(format!("{STREAM_PREFIX}{stream}"))?;
+                            trees.insert(stream.to_owned(), t.clone());
+                            t
+                        }
+                    };
+                    let entry = IndexEntry {
+                        loc,
+                        count: head.count,
+                        ts_ms: head.ts_ms,
+                    };
+                    tree.insert(first_seq.to_be_bytes(), &entry.encode())?;
+                    Ok(())
+                }
+                Item::Reserve { stream, through } => {
+                    raise_reserved(&shared.meta, stream, through)?;
+                    Ok(())
+                }
+            })?;
+        end = (id, at);
+    }
+    if let Some(newest) = newest {
+        if newest > end.0 {
+            // Files past the checkpoint's were all scanned above; this one only when the
+            // checkpoint names a later file than any present (a wiped directory).
+            end = (newest, 0);
+        }
+    }
+    shared.meta.insert(CHECKPOINT, &checkpoint(end.0, end.1))?;
+    Ok(end)
+}
+
+pub(super) fn checkpoint(segment: u64, at: u64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[0..8].copy_from_slice(&segment.to_be_bytes());
+    v[8..16].copy_from_slice(&at.to_be_bytes());
+    v
+}
+
+pub(super) fn checkpoint_key() -> &'static [u8] {
+    CHECKPOINT
+}
+
+/// Stores a reservation unless a higher one is there.
+pub(super) fn raise_reserved(
+    meta: &sled::Tree,
+    stream: &str,
+    through: u64,
+) -> Result<(), LogError> {
+    let key = format!("reserved/{stream}");
+    let old = meta
+        .get(&key)?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0);
+    if through > old {
+        meta.insert(key, &through.to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Counts the index entries per segment file, dropping any that point into a file that is
+/// gone (its deletion reached the disk, the index's did not).
+fn count_live(shared: &Shared) -> Result<(), LogError> {
+    let present: std::collections::HashSet<u64> = shared.segments.ids()?.into_iter().collect();
+    let mut live = shared.live.lock();
+    live.extend(present.iter().map(|&id| (id, 0)));
+    for name in shared.db.tree_names() {
+        if !name.starts_with(STREAM_PREFIX.as_bytes()) {
+            continue;
+        }
+        let tree = shared.db.open_tree(&name)?;
+        for item in tree.iter() {
+            let (key, value) = item?;
+            match IndexEntry::decode(&value) {
+                Some(e) if present.contains(&e.loc.segment) => {
+                    *live.entry(e.loc.segment).or_default() += 1;
+                }
+                _ => {
+                    tracing::warn!(stream = %String::from_utf8_lossy(&name), "dropping an index entry whose segment is gone");
+                    tree.remove(key)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Store for SledStore {
@@ -222,20 +440,18 @@ impl Store for SledStore {
             None => 1,
         };
         let log = Arc::new(SledStream {
-            name: stream.to_owned(),
             first: AtomicU64::new(first),
             tail: Arc::new(Tail {
+                name: stream.to_owned(),
                 tree: tree.clone(),
-                meta: self.meta.clone(),
-                committed_key: format!("committed/{stream}").into_bytes(),
-                batches: Mutex::new(VecDeque::new()),
+                reserved_key: format!("reserved/{stream}").into_bytes(),
+                runs: Mutex::new(VecDeque::new()),
+                reserve: Mutex::new(None),
                 listed: AtomicBool::new(false),
-                moving: Mutex::new(()),
+                written: AtomicU64::new(0),
             }),
-            pending: self.pending.clone(),
+            shared: self.shared.clone(),
             tree,
-            reserved_key: format!("reserved/{stream}").into_bytes(),
-            dirty: self.committer.dirty.clone(),
         });
         streams.insert(stream.to_owned(), log.clone());
         Ok(log)
@@ -270,18 +486,15 @@ impl Store for SledStore {
 }
 
 struct SledStream {
-    name: String,
     /// The lowest seq a read can return; raised by retention.
     first: AtomicU64,
     tree: sled::Tree,
     tail: Arc<Tail>,
-    pending: Arc<Pending>,
-    reserved_key: Vec<u8>,
-    dirty: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl SledStream {
-    /// Reads sled's records for `start <= seq < before`, at most `max` readings.
+    /// Reads the indexed records for `start <= seq < before`, within `limit`.
     fn read_stored(
         &self,
         start: u64,
@@ -303,8 +516,18 @@ impl SledStream {
             if first >= before {
                 break;
             }
-            let record = Bytes::from(value.to_vec());
-            let (_, frames) = decode_batch(&record).ok_or_else(|| self.corrupt(first))?;
+            let entry = IndexEntry::decode(&value).ok_or_else(|| self.corrupt(first))?;
+            if first + u64::from(entry.count) <= start {
+                continue;
+            }
+            let Some((_, frames)) = self
+                .shared
+                .segments
+                .read(entry.loc, &self.tail.name, first)?
+            else {
+                // Retention removed it since the index was read.
+                continue;
+            };
             for (i, frame) in frames.into_iter().enumerate() {
                 let seq = first + i as u64;
                 if seq < start {
@@ -321,38 +544,25 @@ impl SledStream {
 
     fn corrupt(&self, seq: u64) -> LogError {
         LogError::Corrupt {
-            stream: self.name.clone(),
+            stream: self.tail.name.clone(),
             seq,
         }
     }
 
     fn key_seq(&self, key: &[u8]) -> Result<u64, LogError> {
-        key_seq(&self.name, key)
-    }
-
-    /// Removes the stored records whose first seq is in `first..=last`; returns how many.
-    fn remove_records(&self, first: u64, last: u64) -> Result<usize, LogError> {
-        let keys: Vec<_> = self
-            .tree
-            .range(first.to_be_bytes()..=last.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()?;
-        for key in &keys {
-            self.tree.remove(key)?;
-        }
-        Ok(keys.len())
+        key_seq(&self.tail.name, key)
     }
 
     /// The newest seq stored (tail included), if any.
     fn last_stored(&self) -> Result<Option<u64>, LogError> {
-        if let Some((first, _, frames)) = self.tail.batches.lock().back() {
-            return Ok(Some(first + frames.len() as u64 - 1));
+        if let Some(run) = self.tail.runs.lock().back() {
+            return Ok(Some(run.last()));
         }
         match self.tree.last()? {
             Some((key, value)) => {
                 let first = self.key_seq(&key)?;
-                let head = header(&value).ok_or_else(|| self.corrupt(first))?;
-                Ok(Some(first + u64::from(head.count).saturating_sub(1)))
+                let entry = IndexEntry::decode(&value).ok_or_else(|| self.corrupt(first))?;
+                Ok(Some(first + u64::from(entry.count).saturating_sub(1)))
             }
             None => Ok(None),
         }
@@ -399,16 +609,7 @@ impl Budget {
 impl StreamLog for SledStream {
     fn recover(&self) -> Result<Recovered, LogError> {
         let stored_last = self.last_stored()?.unwrap_or(0);
-        // Records past the committed mark were written by a flush that failed (a full
-        // disk): they were never dispatched, so they go. Their seqs are not reused.
-        if let Some(mark) = self.tail.meta.get(&self.tail.committed_key)? {
-            let mark = self.key_seq(&mark)?;
-            let stale = self.remove_records(mark.saturating_add(1), u64::MAX)?;
-            if stale > 0 {
-                tracing::warn!(stream = %self.name, mark, records = stale, "dropped records of a commit that never finished");
-            }
-        }
-        let reserved = match self.tail.meta.get(&self.reserved_key)? {
+        let reserved = match self.shared.meta.get(&self.tail.reserved_key)? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
         };
@@ -423,33 +624,32 @@ impl StreamLog for SledStream {
     }
 
     fn append(&self, first_seq: u64, ts_ms: u64, frames: &[Bytes]) -> Result<(), LogError> {
-        self.tail
-            .batches
-            .lock()
-            .push_back((first_seq, ts_ms, frames.to_vec()));
-        self.pending.list(&self.tail);
-        self.dirty.store(true, Ordering::Release);
+        self.tail.runs.lock().push_back(Run {
+            first: first_seq,
+            ts_ms,
+            frames: Arc::from(frames),
+        });
+        self.shared.list(&self.tail);
+        self.shared.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
     fn discard(&self, first: u64, last: u64) -> Result<(), LogError> {
-        let _moving = self.tail.moving.lock();
-        self.tail.batches.lock().retain(|(start, _, frames)| {
-            let end = start + frames.len() as u64 - 1;
-            end < first || *start > last
-        });
-        // What the failed commit had already moved into sled: records of these seqs only,
-        // since in strict mode the tail held nothing else.
-        self.remove_records(first, last)?;
-        self.dirty.store(true, Ordering::Release);
+        self.tail
+            .runs
+            .lock()
+            .retain(|r| r.last() < first || r.first > last);
         Ok(())
     }
 
+    fn written(&self) -> u64 {
+        self.tail.written.load(Ordering::Acquire)
+    }
+
     fn reserve(&self, through: u64) -> Result<(), LogError> {
-        self.tail
-            .meta
-            .insert(&self.reserved_key, &through.to_be_bytes())?;
-        self.dirty.store(true, Ordering::Release);
+        *self.tail.reserve.lock() = Some(through);
+        self.shared.list(&self.tail);
+        self.shared.dirty.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -467,16 +667,17 @@ impl StreamLog for SledStream {
         if start >= before || limit.entries == 0 {
             return Ok(());
         }
-        // The tail first: whatever leaves it before sled is read below is in sled by then.
-        // Its entries are counted against the limit only after sled's, which come first.
+        // The tail first: whatever leaves it before the index is read below is indexed by
+        // then. Its entries are counted against the limit only after the index's, which
+        // come first.
         let mut from_tail = Vec::new();
         let tail_first = {
-            let tail = self.tail.batches.lock();
-            'batches: for (first, _, frames) in tail.iter() {
-                for (i, frame) in frames.iter().enumerate() {
-                    let seq = first + i as u64;
+            let tail = self.tail.runs.lock();
+            'runs: for run in tail.iter() {
+                for (i, frame) in run.frames.iter().enumerate() {
+                    let seq = run.first + i as u64;
                     if seq >= before || from_tail.len() == limit.entries {
-                        break 'batches;
+                        break 'runs;
                     }
                     if seq >= start {
                         from_tail.push(Entry {
@@ -486,7 +687,7 @@ impl StreamLog for SledStream {
                     }
                 }
             }
-            tail.front().map(|(first, _, _)| *first)
+            tail.front().map(|r| r.first)
         };
         let stored_before = tail_first.map_or(before, |t| before.min(t));
         let mut budget = Budget::new(limit);
@@ -505,8 +706,6 @@ impl StreamLog for SledStream {
     }
 
     fn trim(&self, keep_last: u64, older_than_ms: u64) -> Result<u64, LogError> {
-        // Retention counts whole stored records; the tail becomes one first.
-        self.tail.move_to_sled()?;
         let Some(newest) = self.last_stored()? else {
             return Ok(0);
         };
@@ -519,18 +718,22 @@ impl StreamLog for SledStream {
         for item in self.tree.iter() {
             let (key, value) = item?;
             let first = self.key_seq(&key)?;
-            let head = header(&value).ok_or_else(|| self.corrupt(first))?;
-            let last = first + u64::from(head.count).saturating_sub(1);
-            if last > through_seq && head.ts_ms >= older_than_ms {
+            let entry = IndexEntry::decode(&value).ok_or_else(|| self.corrupt(first))?;
+            let last = first + u64::from(entry.count).saturating_sub(1);
+            if last > through_seq && entry.ts_ms >= older_than_ms {
                 break;
             }
             // Readers stop below the new floor before the record goes.
             self.first.fetch_max(last + 1, Ordering::AcqRel);
             self.tree.remove(&key)?;
-            removed += u64::from(head.count);
+            if let Some(n) = self.shared.live.lock().get_mut(&entry.loc.segment) {
+                *n = n.saturating_sub(1);
+            }
+            removed += u64::from(entry.count);
         }
         if removed > 0 {
-            self.dirty.store(true, Ordering::Release);
+            // The commit thread deletes files nothing points into any more.
+            self.shared.dirty.store(true, Ordering::Release);
         }
         Ok(removed)
     }
@@ -603,6 +806,7 @@ mod tests {
         );
         // A reservation beyond the tail wins: seqs handed out in fast mode are never reused.
         log.reserve(1000).unwrap();
+        store.commit().await.unwrap().unwrap();
         assert_eq!(log.recover().unwrap().next_seq, 1001);
         // Trim by count keeps whole records (one per commit here): keeping the last 2
         // readings keeps their record, so seqs 1..=3 go, 4..=7 stay. The reservation does
@@ -685,40 +889,140 @@ mod tests {
         store.close().unwrap();
     }
 
-    /// sled writes a log message larger than a quarter of its segment (a record, or a leaf
-    /// node holding several) to a file of its own under `blobs/`, which its flush never
-    /// syncs. Records are kept small enough that none ever is.
+    /// A commit's records are found again after a restart that lost the whole index: the
+    /// segment files are the truth, and a torn write at their end is cut off.
     #[tokio::test]
-    async fn large_commits_leave_no_blob_files() {
+    async fn the_index_is_rebuilt_from_the_segments_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
-        let log = store.open_stream("acme").unwrap();
-        let reading = Bytes::from(vec![b'x'; 100]);
-        let mut next = 1;
-        for _ in 0..50 {
-            log.append(next, 100, &vec![reading.clone(); 4096]).unwrap();
-            next += 4096;
+        let big = Bytes::from(vec![b'y'; 300 << 10]);
+        {
+            let store =
+                SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+            let log = store.open_stream("acme").unwrap();
+            log.append(1, 100, &frames(1, 3)).unwrap();
+            log.reserve(5000).unwrap();
             store.commit().await.unwrap().unwrap();
+            log.append(4, 100, std::slice::from_ref(&big)).unwrap();
+            store.commit().await.unwrap().unwrap();
+            assert_eq!(log.written(), 4);
+            store.close().unwrap();
         }
-        let blobs = std::fs::read_dir(dir.path().join("blobs"))
-            .map(|d| d.count())
-            .unwrap_or(0);
-        assert_eq!(blobs, 0, "sled wrote blob files");
+        // Lose the index and the checkpoint, and tear a record onto the end of the log.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.drop_tree("stream/acme").unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.remove(CHECKPOINT).unwrap();
+            meta.remove("reserved/acme").unwrap();
+            db.flush().unwrap();
+        }
+        let seg = segment::segment_path(&dir.path().join("segments"), 1);
+        let whole = std::fs::metadata(&seg).unwrap().len();
+        let mut torn = Vec::new();
+        segment::encode_readings(&mut torn, "acme", 5, 100, &frames(5, 100));
+        let mut f = std::fs::OpenOptions::new().append(true).open(&seg).unwrap();
+        std::io::Write::write_all(&mut f, &torn[..torn.len() - 3]).unwrap();
+        drop(f);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let store =
+            SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            whole,
+            "torn record cut"
+        );
+        let log = store.open_stream("acme").unwrap();
+        assert_eq!(
+            log.recover().unwrap(),
+            Recovered {
+                next_seq: 5001,
+                first_seq: Some(1)
+            }
+        );
         let mut out = Vec::new();
         let all = ReadLimit {
             entries: usize::MAX,
             bytes: usize::MAX,
         };
         log.read(0, u64::MAX, all, &mut out).unwrap();
-        assert_eq!(out.len(), 50 * 4096);
-        // A reading too large for any record goes to a blob, which the commit syncs.
-        let big = Bytes::from(vec![b'y'; 300 << 10]);
-        log.append(next, 100, std::slice::from_ref(&big)).unwrap();
-        store.commit().await.unwrap().unwrap();
-        out.clear();
-        log.read(next - 1, u64::MAX, all, &mut out).unwrap();
-        assert_eq!(out[0].frame, big);
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[3].frame, big);
         store.close().unwrap();
+    }
+
+    /// Retention deletes a segment file once no record in it is kept.
+    #[tokio::test]
+    async fn retention_deletes_segment_files_nothing_points_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            SledStore::open_with(
+                dir.path(),
+                Durability::Fast,
+                Duration::from_millis(5),
+                1 << 20,
+            )
+            .unwrap()
+        };
+        let store = open();
+        let log = store.open_stream("acme").unwrap();
+        // Three files' worth (each record 60 KiB, a file rolls past 1 MiB).
+        let reading = Bytes::from(vec![b'x'; 60 << 10]);
+        let per_file = (1 << 20) / (60 << 10) + 1;
+        let mut next = 1;
+        for _ in 0..3 * per_file {
+            log.append(next, 100, std::slice::from_ref(&reading))
+                .unwrap();
+            next += 1;
+            if next % 4 == 0 {
+                store.commit().await.unwrap().unwrap();
+            }
+        }
+        store.commit().await.unwrap().unwrap();
+        let segments = || {
+            std::fs::read_dir(dir.path().join("segments"))
+                .unwrap()
+                .count()
+        };
+        assert!(segments() >= 3);
+        assert_eq!(log.trim(10, 0).unwrap(), next - 1 - 10);
+        store.commit().await.unwrap().unwrap();
+        assert_eq!(segments(), 1, "only the file being written is left");
+        assert_eq!(seqs_len(&*log), 10);
+        store.close().unwrap();
+        drop((log, store));
+        // And after a restart the index still finds everything kept.
+        let store = open();
+        let log = store.open_stream("acme").unwrap();
+        assert_eq!(seqs_len(&*log), 10);
+        store.close().unwrap();
+    }
+
+    fn seqs_len(log: &dyn StreamLog) -> usize {
+        let mut out = Vec::new();
+        let all = ReadLimit {
+            entries: usize::MAX,
+            bytes: usize::MAX,
+        };
+        log.read(0, u64::MAX, all, &mut out).unwrap();
+        out.len()
+    }
+
+    /// A directory written by the earlier layout (readings inside sled) is refused.
+    #[test]
+    fn another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("stream/acme")
+                .unwrap()
+                .insert(1u64.to_be_bytes(), &b"old"[..])
+                .unwrap();
+            db.flush().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(
+            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)),
+            Err(LogError::Format)
+        ));
     }
 }
