@@ -11,15 +11,21 @@
 //! takes live batches again, skipping what it already sent. In seq order, with no gap and no
 //! duplicate, and with no more memory than the outbox bound plus one step.
 //!
+//! Log reads run on tokio's blocking pool, one step at a time: a REPLAY of old readings
+//! that misses the page cache must not stall an async worker and every connection on it.
+//!
 //! Writes frames into the connection's buffer and never touches the socket; must not decide
 //! protocol questions (the session does) or read past the durable mark (the stream handle
 //! enforces it).
 
 use fastwebsockets::OpCode;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use super::wire::push_frame;
 use crate::frontend::CloseCode;
@@ -92,6 +98,56 @@ pub struct Delivery {
     cursor: Option<Cursor>,
     requests: VecDeque<Request>,
     entries: Vec<Entry>,
+    reading: Option<Read>,
+}
+
+/// A log read on the blocking pool, for readings `after < seq < before`.
+struct Read {
+    after: u64,
+    before: u64,
+    task: JoinHandle<(Vec<Entry>, Result<(), HubError>)>,
+}
+
+/// Reads `after < seq < before` (within `limit`) into `entries`, off the async worker. A
+/// read in flight for other bounds (a REPLAY moved the cursor meanwhile) is abandoned.
+fn poll_read(
+    reading: &mut Option<Read>,
+    entries: &mut Vec<Entry>,
+    cx: &mut Context<'_>,
+    stream: &StreamHandle,
+    (after, before): (u64, u64),
+    limit: ReadLimit,
+) -> Poll<Result<(), HubError>> {
+    if reading
+        .as_ref()
+        .is_some_and(|r| (r.after, r.before) != (after, before))
+    {
+        *reading = None;
+    }
+    let read = reading.get_or_insert_with(|| {
+        let mut buf = std::mem::take(entries);
+        buf.clear();
+        let stream = stream.clone();
+        Read {
+            after,
+            before,
+            task: tokio::task::spawn_blocking(move || {
+                let result = stream.read(after, before, limit, &mut buf);
+                (buf, result)
+            }),
+        }
+    });
+    let done = ready!(Pin::new(&mut read.task).poll(cx));
+    *reading = None;
+    Poll::Ready(match done {
+        Ok((buf, result)) => {
+            *entries = buf;
+            result
+        }
+        Err(e) => Err(HubError::Store(crate::log::LogError::Io(
+            std::io::Error::other(e.to_string()),
+        ))),
+    })
 }
 
 impl Delivery {
@@ -168,9 +224,15 @@ impl Delivery {
                 c.fall_behind();
             }
             if c.behind {
-                if let Some(n) = serve_requests(c, &mut self.requests, &mut self.entries, limit)
-                    .map_err(read_failed)?
-                {
+                let served = serve_requests(
+                    c,
+                    &mut self.requests,
+                    &mut self.reading,
+                    &mut self.entries,
+                    cx,
+                    limit,
+                );
+                if let Some(n) = ready!(served).map_err(read_failed)? {
                     write_entries(&self.entries, out, enc);
                     crate::metrics::handles().replay_frames.increment(n);
                     return Poll::Ready(Ok(Sent::Log));
@@ -178,10 +240,16 @@ impl Delivery {
                 if c.owed && c.next < c.stream.first_seq() {
                     return Poll::Ready(Err(CloseCode::BehindRetention));
                 }
-                self.entries.clear();
-                c.stream
-                    .read(c.next - 1, u64::MAX, limit, &mut self.entries)
-                    .map_err(read_failed)?;
+                let bounds = (c.next - 1, u64::MAX);
+                let read = poll_read(
+                    &mut self.reading,
+                    &mut self.entries,
+                    cx,
+                    &c.stream,
+                    bounds,
+                    limit,
+                );
+                ready!(read).map_err(read_failed)?;
                 if let Some(last) = self.entries.last() {
                     c.next = last.seq + 1;
                     c.owed = true;
@@ -262,9 +330,11 @@ impl Cursor {
 fn serve_requests(
     c: &mut Cursor,
     requests: &mut VecDeque<Request>,
+    reading: &mut Option<Read>,
     entries: &mut Vec<Entry>,
+    cx: &mut Context<'_>,
     limit: ReadLimit,
-) -> Result<Option<u64>, HubError> {
+) -> Poll<Result<Option<u64>, HubError>> {
     while let Some(request) = requests.front_mut() {
         match request {
             Request::From { after } => {
@@ -274,12 +344,12 @@ fn serve_requests(
                 requests.pop_front();
             }
             Request::Range { after, before } => {
-                entries.clear();
-                c.stream.read(*after, *before, limit, entries)?;
+                let read = poll_read(reading, entries, cx, &c.stream, (*after, *before), limit);
+                ready!(read)?;
                 match entries.last() {
                     Some(last) => {
                         *after = last.seq;
-                        return Ok(Some(entries.len() as u64));
+                        return Poll::Ready(Ok(Some(entries.len() as u64)));
                     }
                     None => {
                         requests.pop_front();
@@ -288,7 +358,7 @@ fn serve_requests(
             }
         }
     }
-    Ok(None)
+    Poll::Ready(Ok(None))
 }
 
 fn read_failed(e: HubError) -> CloseCode {
@@ -440,6 +510,11 @@ mod tests {
             match d.poll_send(&mut cx, &mut out, high, 3, &mut enc) {
                 Poll::Ready(Ok(sent)) => sources.push(sent),
                 Poll::Ready(Err(code)) => panic!("closed with {code:?}"),
+                // A log read on the blocking pool: wait for it.
+                Poll::Pending if d.reading.is_some() => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
                 Poll::Pending => return (sources, enc.0),
             }
             round(&out);

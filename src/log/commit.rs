@@ -31,8 +31,13 @@ type Waiter = oneshot::Sender<Result<(), LogError>>;
 
 /// A commit buffer larger than this is given back after the commit that grew it.
 const KEEP_BUF: usize = 8 << 20;
-/// Bytes written (then cut off) to see whether a disk that failed takes writes again.
+/// Bytes written (then cut off), beyond the size of the commit that failed, to see whether
+/// a disk that failed takes writes again. Cutting a failed commit off frees its own room, so
+/// a probe smaller than it would find a full disk "writable".
 const PROBE_BYTES: usize = 64 << 10;
+/// How often the checkpoint moves. It only bounds what a restart re-reads, so one sled
+/// write per interval instead of one per commit (thousands a second in strict mode).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 pub(super) struct Committer {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Waiter>>>,
@@ -59,6 +64,8 @@ impl Committer {
             index_file,
             writer,
             keep_failed: durability == Durability::Fast,
+            checkpointed: Instant::now(),
+            failed_bytes: 0,
             buf: Vec::new(),
             runs: Vec::new(),
             staged: Vec::new(),
@@ -117,6 +124,10 @@ struct Flush {
     writer: Writer,
     /// Fast mode: a failed commit's readings were dispatched; keep them to write later.
     keep_failed: bool,
+    /// When the checkpoint last moved.
+    checkpointed: Instant,
+    /// The size of the last commit that failed.
+    failed_bytes: usize,
     buf: Vec<u8>,
     runs: Vec<(u64, u64, Arc<[Bytes]>)>,
     staged: Vec<Staged>,
@@ -136,7 +147,7 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = flush.commit() {
+                if let Err(e) = flush.commit().and_then(|()| flush.checkpoint()) {
                     tracing::error!(error = %e, "final commit failed");
                 }
                 return;
@@ -203,9 +214,19 @@ impl Flush {
                     crate::metrics::handles()
                         .fsync_seconds
                         .record(started.elapsed().as_secs_f64());
-                    self.index(&tails, &through, &reserves, written)?;
+                    if let Err(e) = self.index(&tails, &through, &reserves, written) {
+                        // Unindexed records would come back at recovery: the commit fails
+                        // as a whole. A cut that fails too leaves it to recovery's scan,
+                        // and the store unwritable meanwhile.
+                        if let Err(cut) = self.writer.cut_back(written.1) {
+                            tracing::error!(error = %cut, "could not cut an unindexed commit off the log");
+                        }
+                        self.failed(&tails, &through, &reserves);
+                        return Err(e);
+                    }
                 }
                 Err(e) => {
+                    self.failed_bytes = self.buf.len();
                     self.failed(&tails, &through, &reserves);
                     return Err(e);
                 }
@@ -226,6 +247,11 @@ impl Flush {
         reserves: &[(usize, u64)],
         (segment, at): (u64, u64),
     ) -> Result<(), LogError> {
+        let trees = tails
+            .iter()
+            .map(|t| self.shared.tree(&t.name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = self.shared.meta()?;
         for s in &self.staged {
             let entry = IndexEntry {
                 loc: Loc {
@@ -236,23 +262,30 @@ impl Flush {
                 count: s.count,
                 ts_ms: s.ts_ms,
             };
-            tails[s.tail]
-                .tree
-                .insert(s.first.to_be_bytes(), &entry.encode())?;
+            trees[s.tail].insert(s.first.to_be_bytes(), &entry.encode())?;
         }
         *self.shared.live.lock().entry(segment).or_default() += self.staged.len() as u64;
         for &(i, r) in reserves {
-            raise_reserved(&self.shared.meta, &tails[i].name, r)?;
+            raise_reserved(&meta, &tails[i].name, r)?;
         }
-        let (id, end) = self.writer.position();
-        self.shared
-            .meta
-            .insert(checkpoint_key(), &checkpoint(id, end))?;
+        if self.checkpointed.elapsed() >= CHECKPOINT_EVERY {
+            self.checkpoint()?;
+        }
         for (tail, through) in tails.iter().zip(through) {
             if let Some(seq) = through {
                 tail.written_through(*seq);
             }
         }
+        Ok(())
+    }
+
+    /// Records that the index covers the log up to the writer's position.
+    fn checkpoint(&mut self) -> Result<(), LogError> {
+        let (id, end) = self.writer.position();
+        self.shared
+            .meta()?
+            .insert(checkpoint_key(), &checkpoint(id, end))?;
+        self.checkpointed = Instant::now();
         Ok(())
     }
 
@@ -273,16 +306,21 @@ impl Flush {
         self.shared.dirty.store(true, Ordering::Release);
     }
 
-    /// Whether the disk takes writes again; a good probe makes the store writable.
+    /// Whether the disk takes writes again; a good probe makes the store writable. sled
+    /// refuses everything once one of its own writes failed, so it is reopened if need be.
     fn probe(&mut self) -> bool {
-        match self.writer.probe(PROBE_BYTES) {
-            Ok(()) => {
-                self.writable.store(true, Ordering::Release);
-                tracing::info!("the disk takes writes again");
-                true
-            }
-            Err(_) => false,
+        if self.writer.probe(self.failed_bytes + PROBE_BYTES).is_err() {
+            return false;
         }
+        if !self.shared.index_healthy() {
+            if let Err(e) = self.shared.reopen_index() {
+                tracing::warn!(error = %e, "the index cannot be reopened yet");
+                return false;
+            }
+        }
+        self.writable.store(true, Ordering::Release);
+        tracing::info!("the disk takes writes again");
+        true
     }
 
     /// Deletes the segment files retention left with no index entry, once sled has synced
@@ -300,7 +338,8 @@ impl Flush {
         if dead.is_empty() {
             return Ok(());
         }
-        self.shared.db.flush()?;
+        self.checkpoint()?;
+        self.shared.index(|i| Ok(i.db.flush()?))?;
         self.index_file.sync_data()?;
         for id in dead {
             self.shared.segments.remove(id)?;

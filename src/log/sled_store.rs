@@ -23,7 +23,7 @@
 //! writes every tail in one go at each flush.
 
 use bytes::Bytes;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +44,7 @@ const CACHE_BYTES: u64 = 32 << 20;
 const RECORD_MAX_BYTES: usize = 64 << 10;
 /// `meta` keys.
 const CHECKPOINT: &[u8] = b"checkpoint";
+const PROBE: &[u8] = b"probe";
 const FORMAT: &[u8] = b"format";
 /// The on-disk layout this code reads; a directory written by another is refused.
 const FORMAT_VERSION: u64 = 2;
@@ -52,17 +53,25 @@ const FORMAT_VERSION: u64 = 2;
 const INDEX_FLUSH_MS: u64 = 1000;
 
 pub struct SledStore {
-    db: sled::Db,
     committer: Committer,
     shared: Arc<Shared>,
     /// Every stream opened so far: one tail per stream, whoever opens it.
     streams: Mutex<HashMap<String, Arc<SledStream>>>,
 }
 
-/// What the store, its streams and the commit thread share.
-pub(super) struct Shared {
+/// sled's handles. sled refuses every operation after one of its writes failed (a full
+/// disk) until it is opened again; the commit thread does that in place (see
+/// [`Shared::reopen_index`]), so the handles are reached through [`Shared`], never kept.
+pub(super) struct Index {
     pub(super) db: sled::Db,
     pub(super) meta: sled::Tree,
+}
+
+/// What the store, its streams and the commit thread share.
+pub(super) struct Shared {
+    dir: std::path::PathBuf,
+    /// `None` only while it is being reopened.
+    index: RwLock<Option<Index>>,
     pub(super) segments: Arc<Segments>,
     /// The streams whose tails hold appends not yet written.
     pending: Mutex<Vec<Arc<Tail>>>,
@@ -74,6 +83,48 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// Runs `f` on the index; an index being reopened cannot be used.
+    pub(super) fn index<T>(
+        &self,
+        f: impl FnOnce(&Index) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        match &*self.index.read() {
+            Some(index) => f(index),
+            None => Err(LogError::NotWritable),
+        }
+    }
+
+    pub(super) fn meta(&self) -> Result<sled::Tree, LogError> {
+        self.index(|i| Ok(i.meta.clone()))
+    }
+
+    /// The index of one stream.
+    pub(super) fn tree(&self, stream: &str) -> Result<sled::Tree, LogError> {
+        self.index(|i| Ok(i.db.open_tree(format!("{STREAM_PREFIX}{stream}"))?))
+    }
+
+    /// Whether sled still takes writes: after a failed write of its own it refuses all.
+    pub(super) fn index_healthy(&self) -> bool {
+        self.index(|i| {
+            i.meta.insert(PROBE, &[][..])?;
+            i.db.flush()?;
+            Ok(())
+        })
+        .is_ok()
+    }
+
+    /// Opens sled again in place after it failed, and re-indexes from the segments what it
+    /// had not persisted. Readers get an error meanwhile (their consumers 1011).
+    pub(super) fn reopen_index(&self) -> Result<(), LogError> {
+        // Dropped before the new one opens: sled holds a lock on its directory.
+        drop(self.index.write().take());
+        *self.index.write() = Some(open_index(&self.dir)?);
+        recover_log(self, false)?;
+        count_live(self)?;
+        tracing::warn!("reopened the index after a failed write");
+        Ok(())
+    }
+
     /// The tails with something to write, each taken off the list (an append from now on
     /// lists its stream again).
     pub(super) fn take_pending(&self) -> Vec<Arc<Tail>> {
@@ -145,8 +196,7 @@ impl Run {
 /// needs to write and index them.
 pub(super) struct Tail {
     pub(super) name: String,
-    pub(super) tree: sled::Tree,
-    pub(super) reserved_key: Vec<u8>,
+    reserved_key: Vec<u8>,
     pub(super) runs: Mutex<VecDeque<Run>>,
     /// A reservation to write with the next flush.
     pub(super) reserve: Mutex<Option<u64>>,
@@ -236,44 +286,21 @@ impl SledStore {
         segment_bytes: u64,
     ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir)?;
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(CACHE_BYTES)
-            .flush_every_ms(Some(INDEX_FLUSH_MS));
-        // sled lets go of its directory's file lock from a background thread after the last
-        // handle drops, so a store reopened at once in the same process (a restart in place)
-        // can find it still held. Wait for that, boundedly; a directory another process
-        // holds stays an error.
-        let mut tries = 0;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e))
-                    if tries < LOCK_RETRIES && e.to_string().contains("could not acquire lock") =>
-                {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                other => break other?,
-            }
-        };
-        let meta = db.open_tree("meta")?;
-        check_format(&db, &meta)?;
+        let index = open_index(dir)?;
         let seg_dir = dir.join("segments");
         std::fs::create_dir_all(&seg_dir)?;
-        // Make the files and directories just created durable, directory entries included.
-        db.flush()?;
         let data_file = std::fs::File::open(dir.join("db"))?;
         data_file.sync_all()?;
         segment::sync_dir(dir)?;
         let shared = Arc::new(Shared {
-            db: db.clone(),
-            meta,
+            dir: dir.to_path_buf(),
+            index: RwLock::new(Some(index)),
             segments: Arc::new(Segments::new(seg_dir, segment_bytes)),
             pending: Mutex::new(Vec::new()),
             live: Mutex::new(BTreeMap::new()),
             dirty: AtomicBool::new(false),
         });
-        let (segment_id, end) = recover_log(&shared)?;
+        let (segment_id, end) = recover_log(&shared, true)?;
         count_live(&shared)?;
         let interval = match durability {
             Durability::Fast => fast_flush,
@@ -287,12 +314,40 @@ impl SledStore {
             durability,
         );
         Ok(Self {
-            db,
             committer,
             shared,
             streams: Mutex::new(HashMap::new()),
         })
     }
+}
+
+/// Opens sled in `dir` with its `meta` tree, checking the format.
+fn open_index(dir: &Path) -> Result<Index, LogError> {
+    let config = sled::Config::new()
+        .path(dir)
+        .cache_capacity(CACHE_BYTES)
+        .flush_every_ms(Some(INDEX_FLUSH_MS));
+    // sled lets go of its directory's file lock from a background thread after the last
+    // handle drops, so a store reopened at once in the same process (a restart in place, or
+    // the index after a failed write) can find it still held. Wait for that, boundedly; a
+    // directory another process holds stays an error.
+    let mut tries = 0;
+    let db = loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if tries < LOCK_RETRIES && e.to_string().contains("could not acquire lock") =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => break other?,
+        }
+    };
+    let meta = db.open_tree("meta")?;
+    check_format(&db, &meta)?;
+    // Make the files sled just created durable.
+    db.flush()?;
+    Ok(Index { db, meta })
 }
 
 /// A new directory gets the current format; one with streams but another format is refused
@@ -317,8 +372,9 @@ fn check_format(db: &sled::Db, meta: &sled::Tree) -> Result<(), LogError> {
 
 /// Indexes whatever the segments hold past the checkpoint, cutting a torn write off the
 /// newest file; returns where the writer carries on.
-fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
-    let (from_id, from_at) = match shared.meta.get(CHECKPOINT)? {
+fn recover_log(shared: &Shared, cut: bool) -> Result<(u64, u64), LogError> {
+    let (db, meta) = shared.index(|i| Ok((i.db.clone(), i.meta.clone())))?;
+    let (from_id, from_at) = match meta.get(CHECKPOINT)? {
         Some(v) if v.len() == 16 => (
             u64::from_be_bytes(v[0..8].try_into().expect("8 bytes")),
             u64::from_be_bytes(v[8..16].try_into().expect("8 bytes")),
@@ -331,9 +387,11 @@ fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
     let mut trees: HashMap<String, sled::Tree> = HashMap::new();
     for &id in ids.iter().filter(|&&id| id >= from_id) {
         let from = if id == from_id { from_at } else { 0 };
-        let at = shared
-            .segments
-            .scan(id, from, Some(id) == newest, |loc, item| match item {
+        let at = shared.segments.scan(
+            id,
+            from,
+            cut && Some(id) == newest,
+            |loc, item| match item {
                 Item::Readings {
                     stream,
                     first_seq,
@@ -342,7 +400,7 @@ fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
                     let tree = match trees.get(stream) {
                         Some(t) => t.clone(),
                         None => {
-                            let t = shared.db.open_tree(format!("{STREAM_PREFIX}{stream}"))?;
+                            let t = db.open_tree(format!("{STREAM_PREFIX}{stream}"))?;
                             trees.insert(stream.to_owned(), t.clone());
                             t
                         }
@@ -356,10 +414,11 @@ fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
                     Ok(())
                 }
                 Item::Reserve { stream, through } => {
-                    raise_reserved(&shared.meta, stream, through)?;
+                    raise_reserved(&meta, stream, through)?;
                     Ok(())
                 }
-            })?;
+            },
+        )?;
         end = (id, at);
     }
     if let Some(newest) = newest {
@@ -369,7 +428,7 @@ fn recover_log(shared: &Shared) -> Result<(u64, u64), LogError> {
             end = (newest, 0);
         }
     }
-    shared.meta.insert(CHECKPOINT, &checkpoint(end.0, end.1))?;
+    meta.insert(CHECKPOINT, &checkpoint(end.0, end.1))?;
     Ok(end)
 }
 
@@ -405,13 +464,15 @@ pub(super) fn raise_reserved(
 /// gone (its deletion reached the disk, the index's did not).
 fn count_live(shared: &Shared) -> Result<(), LogError> {
     let present: std::collections::HashSet<u64> = shared.segments.ids()?.into_iter().collect();
+    let db = shared.index(|i| Ok(i.db.clone()))?;
     let mut live = shared.live.lock();
+    live.clear();
     live.extend(present.iter().map(|&id| (id, 0)));
-    for name in shared.db.tree_names() {
+    for name in db.tree_names() {
         if !name.starts_with(STREAM_PREFIX.as_bytes()) {
             continue;
         }
-        let tree = shared.db.open_tree(&name)?;
+        let tree = db.open_tree(&name)?;
         for item in tree.iter() {
             let (key, value) = item?;
             match IndexEntry::decode(&value) {
@@ -434,7 +495,7 @@ impl Store for SledStore {
         if let Some(log) = streams.get(stream) {
             return Ok(log.clone());
         }
-        let tree = self.db.open_tree(format!("{STREAM_PREFIX}{stream}"))?;
+        let tree = self.shared.tree(stream)?;
         let first = match tree.first()? {
             Some((key, _)) => key_seq(stream, &key)?,
             None => 1,
@@ -443,7 +504,6 @@ impl Store for SledStore {
             first: AtomicU64::new(first),
             tail: Arc::new(Tail {
                 name: stream.to_owned(),
-                tree: tree.clone(),
                 reserved_key: format!("reserved/{stream}").into_bytes(),
                 runs: Mutex::new(VecDeque::new()),
                 reserve: Mutex::new(None),
@@ -451,7 +511,6 @@ impl Store for SledStore {
                 written: AtomicU64::new(0),
             }),
             shared: self.shared.clone(),
-            tree,
         });
         streams.insert(stream.to_owned(), log.clone());
         Ok(log)
@@ -466,8 +525,10 @@ impl Store for SledStore {
     }
 
     fn stream_names(&self) -> Vec<String> {
-        self.db
-            .tree_names()
+        let Ok(db) = self.shared.index(|i| Ok(i.db.clone())) else {
+            return Vec::new();
+        };
+        db.tree_names()
             .iter()
             .filter_map(|n| {
                 std::str::from_utf8(n)
@@ -480,7 +541,7 @@ impl Store for SledStore {
 
     fn close(&self) -> Result<(), LogError> {
         self.committer.stop();
-        self.db.flush()?;
+        self.shared.index(|i| Ok(i.db.flush()?))?;
         Ok(())
     }
 }
@@ -488,7 +549,6 @@ impl Store for SledStore {
 struct SledStream {
     /// The lowest seq a read can return; raised by retention.
     first: AtomicU64,
-    tree: sled::Tree,
     tail: Arc<Tail>,
     shared: Arc<Shared>,
 }
@@ -505,12 +565,13 @@ impl SledStream {
         if start >= before {
             return Ok(());
         }
+        let tree = self.tree()?;
         // The record holding `start` begins at or before it.
-        let from = match self.tree.range(..=start.to_be_bytes()).next_back() {
+        let from = match tree.range(..=start.to_be_bytes()).next_back() {
             Some(item) => self.key_seq(&item?.0)?,
             None => 0,
         };
-        for item in self.tree.range(from.to_be_bytes()..) {
+        for item in tree.range(from.to_be_bytes()..) {
             let (key, value) = item?;
             let first = self.key_seq(&key)?;
             if first >= before {
@@ -542,6 +603,10 @@ impl SledStream {
         Ok(())
     }
 
+    fn tree(&self) -> Result<sled::Tree, LogError> {
+        self.shared.tree(&self.tail.name)
+    }
+
     fn corrupt(&self, seq: u64) -> LogError {
         LogError::Corrupt {
             stream: self.tail.name.clone(),
@@ -558,7 +623,7 @@ impl SledStream {
         if let Some(run) = self.tail.runs.lock().back() {
             return Ok(Some(run.last()));
         }
-        match self.tree.last()? {
+        match self.tree()?.last()? {
             Some((key, value)) => {
                 let first = self.key_seq(&key)?;
                 let entry = IndexEntry::decode(&value).ok_or_else(|| self.corrupt(first))?;
@@ -609,11 +674,11 @@ impl Budget {
 impl StreamLog for SledStream {
     fn recover(&self) -> Result<Recovered, LogError> {
         let stored_last = self.last_stored()?.unwrap_or(0);
-        let reserved = match self.shared.meta.get(&self.tail.reserved_key)? {
+        let reserved = match self.shared.meta()?.get(&self.tail.reserved_key)? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
         };
-        let first_seq = match self.tree.first()? {
+        let first_seq = match self.tree()?.first()? {
             Some((key, _)) => Some(self.key_seq(&key)?),
             None => None,
         };
@@ -715,7 +780,8 @@ impl StreamLog for SledStream {
             newest.saturating_sub(keep_last)
         };
         let mut removed = 0u64;
-        for item in self.tree.iter() {
+        let tree = self.tree()?;
+        for item in tree.iter() {
             let (key, value) = item?;
             let first = self.key_seq(&key)?;
             let entry = IndexEntry::decode(&value).ok_or_else(|| self.corrupt(first))?;
@@ -725,7 +791,7 @@ impl StreamLog for SledStream {
             }
             // Readers stop below the new floor before the record goes.
             self.first.fetch_max(last + 1, Ordering::AcqRel);
-            self.tree.remove(&key)?;
+            tree.remove(&key)?;
             if let Some(n) = self.shared.live.lock().get_mut(&entry.loc.segment) {
                 *n = n.saturating_sub(1);
             }
@@ -947,6 +1013,35 @@ mod tests {
         log.read(0, u64::MAX, all, &mut out).unwrap();
         assert_eq!(out.len(), 4);
         assert_eq!(out[3].frame, big);
+        store.close().unwrap();
+    }
+
+    /// sled refuses everything after a failed write of its own until it is opened again;
+    /// the store does that in place and re-reads from the segments what the index lost.
+    #[tokio::test]
+    async fn the_index_reopens_in_place_and_recovers_what_it_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+        let log = store.open_stream("acme").unwrap();
+        log.append(1, 100, &frames(1, 3)).unwrap();
+        store.commit().await.unwrap().unwrap();
+        // What a crash of sled's own would lose: entries and the checkpoint past them.
+        store
+            .shared
+            .index(|i| {
+                i.db.drop_tree("stream/acme")?;
+                i.meta.remove(CHECKPOINT)?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(seqs(&*log, 0, u64::MAX, 100).is_empty());
+        store.shared.reopen_index().unwrap();
+        assert_eq!(seqs(&*log, 0, u64::MAX, 100), vec![1, 2, 3]);
+        assert!(store.shared.index_healthy());
+        log.append(4, 100, &frames(4, 1)).unwrap();
+        store.commit().await.unwrap().unwrap();
+        assert_eq!(seqs(&*log, 0, u64::MAX, 100), vec![1, 2, 3, 4]);
         store.close().unwrap();
     }
 
