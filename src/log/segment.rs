@@ -230,15 +230,9 @@ impl Segments {
         std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(from))?;
         let mut at = from;
         let mut body = Vec::new();
-        // Zeros where a record would start: the unused rest of a preallocated file.
-        let mut clean = false;
         loop {
             let mut head = [0u8; FRAME_HEADER];
             if at + FRAME_HEADER as u64 > size || file.read_exact(&mut head).is_err() {
-                break;
-            }
-            if head == [0u8; FRAME_HEADER] {
-                clean = true;
                 break;
             }
             let len = u32::from_le_bytes(head[0..4].try_into().expect("4 bytes"));
@@ -261,15 +255,11 @@ impl Segments {
         }
         if at < size {
             if cut {
-                // Cut, not zeroed: the writer carries on from `at`, and nothing stale may
-                // follow what it writes there.
-                if !clean {
-                    tracing::warn!(segment = %path.display(), at, size, "cutting a torn write at the end of the log");
-                }
+                tracing::warn!(segment = %path.display(), at, size, "cutting a torn write at the end of the log");
                 let f = std::fs::OpenOptions::new().write(true).open(&path)?;
                 f.set_len(at)?;
                 f.sync_all()?;
-            } else if !clean {
+            } else {
                 tracing::error!(segment = %path.display(), at, size, "damaged record inside the log; the rest of this file is skipped");
             }
         }
@@ -278,39 +268,16 @@ impl Segments {
 }
 
 /// The one writer: the commit thread's.
-///
-/// Files are zero-filled to their full size ahead of use by a helper thread (see
-/// [`prepare`]): a write into one neither allocates blocks nor grows the file, so each
-/// `fdatasync` is one data write instead of data plus metadata. On this machine's disk that
-/// took the sync's p50 from 83 to 65 µs and its p99 from 282 to 164 µs (BENCHMARKS.md).
-/// Until a prepared file is ready (the first one after a start, a disk with less than
-/// [`PREPARE_MIN_FREE`] files' worth of room) files grow as they are written.
 pub(super) struct Writer {
     segments: Arc<Segments>,
     id: u64,
     file: File,
     len: u64,
-    /// `file` was prepared (zero-filled to its full size).
-    preallocated: bool,
-    /// A file being prepared, or prepared and waiting to be used.
-    next: Option<Next>,
 }
-
-enum Next {
-    Preparing(std::sync::mpsc::Receiver<std::io::Result<File>>),
-    Ready(File),
-}
-
-/// Name of the file being prepared; renamed to its id when it is taken into use.
-const PREPARING: &str = "next.seg.tmp";
-/// Files are prepared only while the disk has room for this many more.
-const PREPARE_MIN_FREE: u64 = 4;
 
 impl Writer {
     /// Continues file `id` at `len` (where recovery found its end), creating it if needed.
     pub(super) fn open(segments: Arc<Segments>, id: u64, len: u64) -> Result<Self, LogError> {
-        // A preparation a stop interrupted.
-        let _ = std::fs::remove_file(segments.dir.join(PREPARING));
         let path = segments.path(id);
         let created = !path.exists();
         let file = std::fs::OpenOptions::new()
@@ -327,93 +294,7 @@ impl Writer {
             id,
             file,
             len,
-            preallocated: false,
-            next: None,
         })
-    }
-
-    /// Starts preparing the next file once this one is a quarter full (a node that writes
-    /// little never prepares any), unless one is on its way or the disk is short of room.
-    fn prepare_next(&mut self) {
-        let bytes = self.segments.file_bytes;
-        if self.next.is_some()
-            || self.len < bytes / 4
-            || free_bytes(&self.segments.dir) < PREPARE_MIN_FREE * bytes
-        {
-            return;
-        }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let path = self.segments.dir.join(PREPARING);
-        let spawned = std::thread::Builder::new()
-            .name("sensorgate-prealloc".into())
-            .spawn(move || {
-                let prepared = prepare(&path, bytes);
-                if prepared.is_err() {
-                    let _ = std::fs::remove_file(&path);
-                }
-                let _ = tx.send(prepared);
-            });
-        if spawned.is_ok() {
-            self.next = Some(Next::Preparing(rx));
-        }
-    }
-
-    /// A prepared file, if one is ready (without waiting for it).
-    fn take_ready(&mut self) -> Option<File> {
-        if let Some(Next::Preparing(rx)) = &self.next {
-            match rx.try_recv() {
-                Ok(Ok(file)) => self.next = Some(Next::Ready(file)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not prepare a log file; files grow as written");
-                    self.next = None;
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => self.next = None,
-            }
-        }
-        match self.next.take() {
-            Some(Next::Ready(file)) => Some(file),
-            other => {
-                self.next = other;
-                None
-            }
-        }
-    }
-
-    /// Moves on to file `id + 1`: a prepared one if ready, else one that grows as written.
-    fn roll(&mut self) -> Result<(), LogError> {
-        let id = self.id + 1;
-        let path = self.segments.path(id);
-        let (file, preallocated) = match self.take_ready() {
-            Some(file) => {
-                std::fs::rename(self.segments.dir.join(PREPARING), &path)?;
-                (file, true)
-            }
-            None => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)?;
-                file.sync_all()?;
-                (file, false)
-            }
-        };
-        sync_dir(&self.segments.dir)?;
-        if self.preallocated {
-            // Give back the part of the old file it did not use (zeros: recovery reads
-            // them as the end whether or not this reaches the disk).
-            self.file.set_len(self.len)?;
-        }
-        *self = Self {
-            segments: self.segments.clone(),
-            id,
-            file,
-            len: 0,
-            preallocated,
-            next: self.next.take(),
-        };
-        Ok(())
     }
 
     /// The file being written and its length: everything before it is on disk.
@@ -425,11 +306,8 @@ impl Writer {
     /// On failure the file is cut back to where it was, so nothing of a failed commit is
     /// found by recovery, and the next commit writes at the same place.
     pub(super) fn append(&mut self, buf: &[u8]) -> Result<(u64, u64), LogError> {
-        let full = self.len + buf.len() as u64 > self.segments.file_bytes && self.len > 0;
-        // A file that grows as written gives way to a prepared one as soon as there is one.
-        let upgrade = !self.preallocated && self.next.is_some();
-        if full || (upgrade && self.ready_now()) {
-            self.roll()?;
+        if self.len >= self.segments.file_bytes {
+            *self = Self::open(self.segments.clone(), self.id + 1, 0)?;
         }
         let at = self.len;
         let written = self
@@ -437,33 +315,18 @@ impl Writer {
             .write_all_at(buf, at)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            // Cutting also gives up the file's preallocation: a probe must meet the disk.
-            self.preallocated = false;
             if let Err(cut) = self.file.set_len(at).and_then(|()| self.file.sync_data()) {
                 tracing::error!(error = %cut, "could not cut a failed commit off the log");
             }
             return Err(e.into());
         }
         self.len += buf.len() as u64;
-        self.prepare_next();
         Ok((self.id, at))
-    }
-
-    /// Whether a prepared file is ready to be taken.
-    fn ready_now(&mut self) -> bool {
-        match self.take_ready() {
-            Some(file) => {
-                self.next = Some(Next::Ready(file));
-                true
-            }
-            None => false,
-        }
     }
 
     /// Cuts the file being written back to `at` (the start of a commit that must not count
     /// after all: its records could not be indexed).
     pub(super) fn cut_back(&mut self, at: u64) -> Result<(), LogError> {
-        self.preallocated = false;
         self.file.set_len(at)?;
         self.file.sync_data()?;
         self.len = at;
@@ -482,36 +345,6 @@ impl Writer {
         self.file.sync_data()?;
         Ok(())
     }
-}
-
-/// Writes `bytes` of zeros to a new file at `path` and syncs it, a chunk at a time and paced,
-/// so that its writeback never queues the commits' syncs behind tens of megabytes.
-fn prepare(path: &Path, bytes: u64) -> std::io::Result<File> {
-    const CHUNK: usize = 1 << 20;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(path)?;
-    let zeros = vec![0u8; CHUNK];
-    let mut at = 0;
-    while at < bytes {
-        let n = (bytes - at).min(CHUNK as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        file.sync_data()?;
-        at += n as u64;
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    file.sync_all()?;
-    Ok(file)
-}
-
-/// Free bytes on the file system holding `dir` (0 if unknown).
-fn free_bytes(dir: &Path) -> u64 {
-    rustix::fs::statvfs(dir)
-        .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-        .unwrap_or(0)
 }
 
 pub(super) fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -558,7 +391,7 @@ mod tests {
     #[test]
     fn records_round_trip_through_a_file_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), 1 << 20));
+        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), SEGMENT_BYTES));
         let mut w = Writer::open(segments.clone(), 1, 0).unwrap();
         let mut buf = Vec::new();
         let (a, a_len) = encode_readings(&mut buf, "acme", 1, 100, &frames(3));
@@ -609,7 +442,7 @@ mod tests {
     #[test]
     fn a_flipped_bit_ends_the_scan_there() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), 1 << 20));
+        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), SEGMENT_BYTES));
         let mut w = Writer::open(segments.clone(), 1, 0).unwrap();
         let mut buf = Vec::new();
         encode_readings(&mut buf, "acme", 1, 100, &frames(3));
@@ -622,53 +455,11 @@ mod tests {
         assert_eq!(end, second as u64);
     }
 
-    /// Once a file is a quarter full the next is zero-filled in the background; the writer
-    /// moves to it as soon as it is ready, and recovery reads its zeros as the end.
-    #[test]
-    fn a_prepared_file_is_taken_as_soon_as_it_is_ready() {
-        let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), 1 << 20));
-        let mut w = Writer::open(segments.clone(), 1, 0).unwrap();
-        let mut buf = Vec::new();
-        encode_readings(
-            &mut buf,
-            "acme",
-            1,
-            100,
-            &[Bytes::from(vec![b'x'; 300 << 10])],
-        );
-        w.append(&buf).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !w.ready_now() {
-            assert!(std::time::Instant::now() < deadline, "prepared in time");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        let mut small = Vec::new();
-        encode_readings(&mut small, "acme", 2, 100, &frames(1));
-        assert_eq!(
-            w.append(&small).unwrap(),
-            (2, 0),
-            "moved to the prepared file"
-        );
-        let path = segment_path(dir.path(), 2);
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().len(),
-            1 << 20,
-            "full size"
-        );
-        let (seen, end) = scan_all(&segments, 2, false);
-        assert_eq!((seen, end), (vec![("acme".into(), 2)], small.len() as u64));
-        // The newest file's zeros are cut at recovery, silently: nothing was torn.
-        scan_all(&segments, 2, true);
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), small.len() as u64);
-        assert!(!dir.path().join(PREPARING).exists());
-    }
-
     #[test]
     fn a_full_file_rolls_over_to_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), 1 << 20));
-        let mut w = Writer::open(segments.clone(), 7, 1 << 20).unwrap();
+        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), SEGMENT_BYTES));
+        let mut w = Writer::open(segments.clone(), 7, SEGMENT_BYTES).unwrap();
         let mut buf = Vec::new();
         encode_reserve(&mut buf, "acme", 5);
         assert_eq!(w.append(&buf).unwrap(), (8, 0));

@@ -1073,24 +1073,22 @@ mod tests {
             }
         }
         store.commit().await.unwrap().unwrap();
-        // Log files only: the next one may be being prepared beside them.
         let segments = || {
             std::fs::read_dir(dir.path().join("segments"))
                 .unwrap()
-                .filter(|e| e.as_ref().unwrap().path().extension() == Some("seg".as_ref()))
                 .count()
         };
         assert!(segments() >= 3);
-        assert_eq!(log.trim(1, 0).unwrap(), next - 1 - 1);
+        assert_eq!(log.trim(10, 0).unwrap(), next - 1 - 10);
         store.commit().await.unwrap().unwrap();
         assert_eq!(segments(), 1, "only the file being written is left");
-        assert_eq!(seqs_len(&*log), 1);
+        assert_eq!(seqs_len(&*log), 10);
         store.close().unwrap();
         drop((log, store));
         // And after a restart the index still finds everything kept.
         let store = open();
         let log = store.open_stream("acme").unwrap();
-        assert_eq!(seqs_len(&*log), 1);
+        assert_eq!(seqs_len(&*log), 10);
         store.close().unwrap();
     }
 
