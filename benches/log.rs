@@ -5,7 +5,7 @@
 //! target tmp dir (the build's disk, so `fsync` is real), one stream, and per iteration one
 //! `StreamLog::append` of `batch` (64 or 1024) frames of 120 bytes under consecutive seqs, as
 //! the stream owner does per group commit. In strict mode the iteration also waits for
-//! `Store::commit` (sled flush + `fdatasync`), as the owner does before dispatching; in fast
+//! `Store::commit` (one `pwrite` + `fdatasync`), as the owner does before dispatching; in fast
 //! mode the store's own flush thread writes every 5 ms in the background, as in production.
 //! Throughput is per reading, so the strict rows show what a group commit costs per reading
 //! at each batch size.

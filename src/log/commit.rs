@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::segment::{self, Loc, Writer};
-use super::sled_store::{checkpoint, checkpoint_key, raise_reserved, IndexEntry, Shared, Tail};
+use super::sled_store::{checkpoint, raise_reserved, IndexEntry, Shared, Tail, CHECKPOINT};
 use super::LogError;
 use crate::config::Durability;
 
@@ -284,7 +284,7 @@ impl Flush {
         let (id, end) = self.writer.position();
         self.shared
             .meta()?
-            .insert(checkpoint_key(), &checkpoint(id, end))?;
+            .insert(CHECKPOINT, &checkpoint(id, end))?;
         self.checkpointed = Instant::now();
         Ok(())
     }

@@ -13,10 +13,10 @@
 //! been synced: an index that survives a crash never points into a deleted file.
 //!
 //! Why not the readings in sled itself, as before: sled rewrites a leaf page per insert and
-//! writes any value over a quarter of its 512 KiB segment to an unsynced file of its own;
-//! records kept under that threshold cost 35 % of the server's CPU in sled's I/O threads and
-//! p99 SUBMIT→DISPATCH of 7–10 ms at 10,000 readings/s in strict mode. BENCHMARKS.md has the
-//! figures against this layout.
+//! writes any value over a quarter of its 512 KiB segment to an unsynced file of its own, and
+//! records kept under that threshold spent two thirds of the server's CPU in sled's flush
+//! machinery at 10,000 readings/s in strict mode. BENCHMARKS.md has the figures against this
+//! layout.
 //!
 //! An append does not touch the disk: it lands in the stream's in-memory tail, where reads
 //! see it at once (the stream's owner holds readers at its durable mark). The [`Committer`]
@@ -43,7 +43,7 @@ const CACHE_BYTES: u64 = 32 << 20;
 /// the log fetches, so a consumer catching up on a few readings does not read megabytes.
 const RECORD_MAX_BYTES: usize = 64 << 10;
 /// `meta` keys.
-const CHECKPOINT: &[u8] = b"checkpoint";
+pub(super) const CHECKPOINT: &[u8] = b"checkpoint";
 const PROBE: &[u8] = b"probe";
 const FORMAT: &[u8] = b"format";
 /// The on-disk layout this code reads; a directory written by another is refused.
@@ -437,10 +437,6 @@ pub(super) fn checkpoint(segment: u64, at: u64) -> [u8; 16] {
     v[0..8].copy_from_slice(&segment.to_be_bytes());
     v[8..16].copy_from_slice(&at.to_be_bytes());
     v
-}
-
-pub(super) fn checkpoint_key() -> &'static [u8] {
-    CHECKPOINT
 }
 
 /// Stores a reservation unless a higher one is there.
