@@ -3,7 +3,9 @@
 //!
 //! The owner takes commands from a bounded queue, in order: publishes become a group commit
 //! (seq assignment, one log append, a commit in strict durability) and then one shared
-//! [`Batch`] offered to every subscriber. Subscribers live in the owner's own `Vec`: no lock
+//! [`Batch`] offered to every subscriber. In strict durability up to [`MAX_IN_FLIGHT`]
+//! commits are on their way at once, settled in order: the owner assigns and appends the
+//! next batch while the commit thread syncs the previous one. Subscribers live in the owner's own `Vec`: no lock
 //! is taken on the way from a SUBMIT to the outboxes.
 //!
 //! **The durable mark** is the highest seq that is as durable as the mode promises: in
@@ -18,6 +20,7 @@
 //! consumer never slows the owner down.
 
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -191,15 +194,48 @@ pub(super) struct Owner {
     pub next: u64,
 }
 
+/// A strict group commit on its way to the disk: dispatched once its commit answers.
+struct InFlight {
+    first: u64,
+    frames: Vec<Bytes>,
+    oldest: Option<Instant>,
+    done: oneshot::Receiver<Result<(), LogError>>,
+}
+
+/// Strict group commits an owner keeps in flight: it assigns and appends the next while the
+/// commit thread syncs the previous, so the disk never waits for the owner's round trip.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// What the owner's loop woke up for.
+enum Wake {
+    /// The oldest commit in flight answered.
+    Settled(Result<(), LogError>),
+    /// This many commands arrived (0: every handle is gone).
+    Commands(usize),
+}
+
 impl Owner {
     pub async fn run(mut self) {
-        let metrics = crate::metrics::handles();
         let mut subs: Vec<Subscriber> = Vec::new();
         let mut cmds = Vec::with_capacity(self.batch_max);
         let mut reserved = Reservation::new(self.next - 1);
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         loop {
-            if self.rx.recv_many(&mut cmds, self.batch_max).await == 0 {
-                break;
+            let wake = tokio::select! {
+                biased;
+                done = settled(&mut in_flight), if !in_flight.is_empty() => Wake::Settled(done),
+                n = self.rx.recv_many(&mut cmds, self.batch_max), if in_flight.len() < MAX_IN_FLIGHT => {
+                    Wake::Commands(n)
+                }
+            };
+            match wake {
+                Wake::Settled(done) => {
+                    let flight = in_flight.pop_front().expect("a commit was in flight");
+                    self.settle(flight, done, &mut subs);
+                    continue;
+                }
+                Wake::Commands(0) => break,
+                Wake::Commands(_) => {}
             }
             if cmds.len() < self.batch_max {
                 // Let the readers that are already runnable publish too, so a busy stream
@@ -222,7 +258,11 @@ impl Owner {
                         frames.push(p.frame.fill(self.next + frames.len() as u64));
                     }
                     Command::Subscribe { sub, head } => {
-                        if head.send(self.next - 1).is_ok() {
+                        // From the mark: batches still in flight reach it when they land.
+                        if head
+                            .send(self.shared.durable.load(Ordering::SeqCst))
+                            .is_ok()
+                        {
                             subs.push(sub);
                         }
                     }
@@ -234,39 +274,22 @@ impl Owner {
             }
             let first = self.next;
             let last = first + frames.len() as u64 - 1;
-            match self.commit(first, last, &frames, &mut reserved).await {
-                Ok(()) => {}
-                Err(e) => {
-                    metrics.store_errors.increment(1);
-                    tracing::error!(stream = %self.shared.id, error = %e, "commit failed; refusing publishes for a while");
-                    self.shared
-                        .failed_until_ms
-                        .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
-                    // Never dispatched, so never readable: the mark stays below them, and
-                    // they leave the log before a later commit could make them durable.
-                    if let Err(e) = self.shared.log.discard(first, last) {
-                        tracing::error!(stream = %self.shared.id, error = %e, "could not discard a failed commit");
-                    }
-                    // And their seqs are not handed out again.
-                    self.next = last + 1;
-                    continue;
-                }
-            }
+            // Whatever happens, these seqs are not handed out again.
             self.next = last + 1;
-            // The mark first, then the subscribers: see `StreamHandle::read`.
-            self.shared.durable.store(last, Ordering::SeqCst);
-            metrics.readings_stored.increment(frames.len() as u64);
-            metrics.commit_readings.record(frames.len() as f64);
-            let bytes = frames.iter().map(Bytes::len).sum();
-            let batch = Arc::new(Batch {
-                first_seq: first,
-                frames,
-                bytes,
-            });
-            fan_out(&mut subs, &batch);
-            if let Some(t) = oldest {
-                metrics.dispatch_latency.record(t.elapsed().as_secs_f64());
+            match self.append(first, last, &frames, &mut reserved).await {
+                Ok(None) => self.dispatch(first, frames, oldest, &mut subs),
+                Ok(Some(done)) => in_flight.push_back(InFlight {
+                    first,
+                    frames,
+                    oldest,
+                    done,
+                }),
+                Err(e) => self.failed(first, last, &e),
             }
+        }
+        while let Some(mut flight) = in_flight.pop_front() {
+            let done = (&mut flight.done).await.unwrap_or(Err(LogError::Closed));
+            self.settle(flight, done, &mut subs);
         }
         // Clean stop: the high-water mark drops back to the tail so the next start carries
         // on contiguously. The store's final flush makes it durable.
@@ -275,14 +298,15 @@ impl Owner {
         }
     }
 
-    /// Appends one group commit and makes it as durable as the mode asks before dispatch.
-    async fn commit(
+    /// Appends one group commit. Fast mode: dispatchable at once (`None`). Strict mode: the
+    /// commit it waits for (`Some`).
+    async fn append(
         &self,
         first: u64,
         last: u64,
         frames: &[Bytes],
         reserved: &mut Reservation,
-    ) -> Result<(), LogError> {
+    ) -> Result<Option<oneshot::Receiver<Result<(), LogError>>>, LogError> {
         if self.durability == Durability::Fast {
             // Fast mode dispatches before the flush: while the disk refuses writes it takes
             // nothing in, so producers get 1011 instead of memory growing.
@@ -294,15 +318,73 @@ impl Owner {
                 .await?;
         }
         self.shared.log.append(first, now_ms(), frames)?;
-        if self.durability == Durability::Strict {
-            self.store.commit().await.map_err(|_| LogError::Closed)??;
-            // The commit that answered may have come after one that failed with these
-            // readings in it (and dropped them).
+        Ok((self.durability == Durability::Strict).then(|| self.store.commit()))
+    }
+
+    /// A strict commit answered: dispatch its batch, or drop it if it did not reach the disk.
+    fn settle(&mut self, flight: InFlight, done: Result<(), LogError>, subs: &mut Vec<Subscriber>) {
+        let last = flight.first + flight.frames.len() as u64 - 1;
+        // The commit that answered may have come after one that failed with these readings
+        // in it (and dropped them).
+        let done = done.and_then(|()| {
             if self.shared.log.written() < last {
-                return Err(LogError::NotWritable);
+                Err(LogError::NotWritable)
+            } else {
+                Ok(())
             }
+        });
+        match done {
+            Ok(()) => self.dispatch(flight.first, flight.frames, flight.oldest, subs),
+            Err(e) => self.failed(flight.first, last, &e),
         }
-        Ok(())
+    }
+
+    /// Raises the mark past a durable batch, then offers it to the subscribers.
+    fn dispatch(
+        &self,
+        first: u64,
+        frames: Vec<Bytes>,
+        oldest: Option<Instant>,
+        subs: &mut Vec<Subscriber>,
+    ) {
+        let metrics = crate::metrics::handles();
+        let last = first + frames.len() as u64 - 1;
+        // The mark first, then the subscribers: see `StreamHandle::read`.
+        self.shared.durable.store(last, Ordering::SeqCst);
+        metrics.readings_stored.increment(frames.len() as u64);
+        metrics.commit_readings.record(frames.len() as f64);
+        let bytes = frames.iter().map(Bytes::len).sum();
+        let batch = Arc::new(Batch {
+            first_seq: first,
+            frames,
+            bytes,
+        });
+        fan_out(subs, &batch);
+        if let Some(t) = oldest {
+            metrics.dispatch_latency.record(t.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A batch that did not reach the disk: never dispatched, so never readable.
+    fn failed(&self, first: u64, last: u64, e: &LogError) {
+        crate::metrics::handles().store_errors.increment(1);
+        tracing::error!(stream = %self.shared.id, error = %e, "commit failed; refusing publishes for a while");
+        self.shared
+            .failed_until_ms
+            .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
+        // The mark stays below them, and they leave the log before a later commit could
+        // make them durable.
+        if let Err(e) = self.shared.log.discard(first, last) {
+            tracing::error!(stream = %self.shared.id, error = %e, "could not discard a failed commit");
+        }
+    }
+}
+
+/// The answer to the oldest commit in flight (there is one).
+async fn settled(in_flight: &mut VecDeque<InFlight>) -> Result<(), LogError> {
+    match in_flight.front_mut() {
+        Some(flight) => (&mut flight.done).await.unwrap_or(Err(LogError::Closed)),
+        None => std::future::pending().await,
     }
 }
 
