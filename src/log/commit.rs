@@ -13,7 +13,6 @@
 //! cannot write, each timer tick probes the disk, so it becomes writable again without a
 //! restart once there is room.
 
-use bytes::Bytes;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -23,7 +22,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::segment::{self, Loc, Writer};
-use super::sled_store::{checkpoint, raise_reserved, IndexEntry, Shared, Tail, CHECKPOINT};
+use super::sled_store::{
+    checkpoint, raise_reserved, IndexEntry, Scratch, Shared, Tail, CHECKPOINT,
+};
 use super::LogError;
 use crate::config::Durability;
 
@@ -67,7 +68,7 @@ impl Committer {
             checkpointed: Instant::now(),
             failed_bytes: 0,
             buf: Vec::new(),
-            runs: Vec::new(),
+            scratch: Scratch::default(),
             staged: Vec::new(),
         };
         let thread = std::thread::Builder::new()
@@ -129,7 +130,7 @@ struct Flush {
     /// The size of the last commit that failed.
     failed_bytes: usize,
     buf: Vec<u8>,
-    runs: Vec<(u64, u64, Arc<[Bytes]>)>,
+    scratch: Scratch,
     staged: Vec<Staged>,
 }
 
@@ -193,7 +194,7 @@ impl Flush {
             let staged = &mut self.staged;
             through.push(tail.encode(
                 &mut self.buf,
-                &mut self.runs,
+                &mut self.scratch,
                 |first, count, ts_ms, at, len| {
                     staged.push(Staged {
                         tail: i,
@@ -206,7 +207,8 @@ impl Flush {
                 },
             ));
         }
-        self.runs.clear();
+        // The frames go as soon as the tails let go of them, not at the next commit.
+        self.scratch.clear();
         if !self.buf.is_empty() {
             let started = Instant::now();
             match self.writer.append(&self.buf) {

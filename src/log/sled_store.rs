@@ -180,6 +180,7 @@ impl IndexEntry {
 }
 
 /// One run of consecutive readings appended by the stream's owner.
+#[derive(Clone)]
 pub(super) struct Run {
     pub first: u64,
     pub ts_ms: u64,
@@ -196,7 +197,6 @@ impl Run {
 /// needs to write and index them.
 pub(super) struct Tail {
     pub(super) name: String,
-    reserved_key: Vec<u8>,
     pub(super) runs: Mutex<VecDeque<Run>>,
     /// A reservation to write with the next flush.
     pub(super) reserve: Mutex<Option<u64>>,
@@ -204,6 +204,21 @@ pub(super) struct Tail {
     listed: AtomicBool,
     /// The newest seq a successful commit wrote.
     pub(super) written: AtomicU64,
+}
+
+/// The commit thread's buffers for [`Tail::encode`], kept from commit to commit.
+#[derive(Default)]
+pub(super) struct Scratch {
+    runs: Vec<Run>,
+    record: Vec<Bytes>,
+}
+
+impl Scratch {
+    /// Lets go of the frames, keeping the capacity.
+    pub(super) fn clear(&mut self) {
+        self.runs.clear();
+        self.record.clear();
+    }
 }
 
 impl Tail {
@@ -215,18 +230,14 @@ impl Tail {
     pub(super) fn encode(
         &self,
         buf: &mut Vec<u8>,
-        runs: &mut Vec<(u64, u64, Arc<[Bytes]>)>,
+        scratch: &mut Scratch,
         mut staged: impl FnMut(u64, u32, u64, usize, u32),
     ) -> Option<u64> {
+        let Scratch { runs, record } = scratch;
         runs.clear();
-        runs.extend(
-            self.runs
-                .lock()
-                .iter()
-                .map(|r| (r.first, r.ts_ms, r.frames.clone())),
-        );
-        let through = runs.last().map(|(first, _, f)| first + f.len() as u64 - 1);
-        let mut record: Vec<Bytes> = Vec::new();
+        record.clear();
+        runs.extend(self.runs.lock().iter().cloned());
+        let through = runs.last().map(Run::last);
         let (mut start, mut ts, mut bytes) = (0u64, 0u64, 0usize);
         let mut flush = |record: &mut Vec<Bytes>, start: u64, ts: u64, buf: &mut Vec<u8>| {
             if !record.is_empty() {
@@ -235,24 +246,24 @@ impl Tail {
                 record.clear();
             }
         };
-        for (first, stamp, frames) in runs.iter() {
-            for (i, frame) in frames.iter().enumerate() {
-                let seq = first + i as u64;
+        for run in runs.iter() {
+            for (i, frame) in run.frames.iter().enumerate() {
+                let seq = run.first + i as u64;
                 let size = 4 + frame.len();
                 let joins = !record.is_empty()
                     && start + record.len() as u64 == seq
                     && bytes + size <= RECORD_MAX_BYTES;
                 if !joins {
-                    flush(&mut record, start, ts, buf);
+                    flush(record, start, ts, buf);
                     start = seq;
                     bytes = 0;
                 }
                 record.push(frame.clone());
-                ts = *stamp;
+                ts = run.ts_ms;
                 bytes += size;
             }
         }
-        flush(&mut record, start, ts, buf);
+        flush(record, start, ts, buf);
         through
     }
 
@@ -440,12 +451,17 @@ pub(super) fn checkpoint(segment: u64, at: u64) -> [u8; 16] {
 }
 
 /// Stores a reservation unless a higher one is there.
+/// `meta` key of a stream's reserved seq high-water mark.
+fn reserved_key(stream: &str) -> String {
+    format!("reserved/{stream}")
+}
+
 pub(super) fn raise_reserved(
     meta: &sled::Tree,
     stream: &str,
     through: u64,
 ) -> Result<(), LogError> {
-    let key = format!("reserved/{stream}");
+    let key = reserved_key(stream);
     let old = meta
         .get(&key)?
         .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
@@ -500,7 +516,6 @@ impl Store for SledStore {
             first: AtomicU64::new(first),
             tail: Arc::new(Tail {
                 name: stream.to_owned(),
-                reserved_key: format!("reserved/{stream}").into_bytes(),
                 runs: Mutex::new(VecDeque::new()),
                 reserve: Mutex::new(None),
                 listed: AtomicBool::new(false),
@@ -670,7 +685,7 @@ impl Budget {
 impl StreamLog for SledStream {
     fn recover(&self) -> Result<Recovered, LogError> {
         let stored_last = self.last_stored()?.unwrap_or(0);
-        let reserved = match self.shared.meta()?.get(&self.tail.reserved_key)? {
+        let reserved = match self.shared.meta()?.get(reserved_key(&self.tail.name))? {
             Some(v) => self.key_seq(&v)?,
             None => 0,
         };
@@ -805,6 +820,16 @@ impl StreamLog for SledStream {
 mod tests {
     use super::*;
 
+    /// No limit on a read.
+    const ALL: ReadLimit = ReadLimit {
+        entries: usize::MAX,
+        bytes: usize::MAX,
+    };
+
+    fn open(dir: &Path, durability: Durability) -> SledStore {
+        SledStore::open(dir, durability, Duration::from_millis(5)).unwrap()
+    }
+
     fn frames(from: u64, n: u64) -> Vec<Bytes> {
         (from..from + n)
             .map(|s| Bytes::from(format!("f{s}")))
@@ -828,8 +853,7 @@ mod tests {
     async fn append_read_recover_and_trim() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store =
-                SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+            let store = open(dir.path(), Durability::Strict);
             let log = store.open_stream("acme").unwrap();
             assert_eq!(
                 log.recover().unwrap(),
@@ -856,8 +880,7 @@ mod tests {
             assert_eq!(store.stream_names(), vec!["acme".to_string()]);
             store.close().unwrap();
         }
-        let store =
-            SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Strict);
         let log = store.open_stream("acme").unwrap();
         assert_eq!(
             log.recover().unwrap(),
@@ -885,8 +908,7 @@ mod tests {
     #[tokio::test]
     async fn a_tail_with_a_gap_is_stored_as_separate_records() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Fast);
         let log = store.open_stream("acme").unwrap();
         log.append(1, 100, &frames(1, 2)).unwrap();
         // A seq block skipped after a store failure leaves a gap.
@@ -904,8 +926,7 @@ mod tests {
     #[tokio::test]
     async fn fast_mode_retention_counts_stored_seqs_not_reserved_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Fast);
         let log = store.open_stream("acme").unwrap();
         log.reserve(20_000 + (1 << 16)).unwrap();
         for first in (1..=20_000).step_by(1000) {
@@ -924,8 +945,7 @@ mod tests {
     #[tokio::test]
     async fn reads_stop_at_their_byte_limit_but_return_at_least_one_entry() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SledStore::open(dir.path(), Durability::Fast, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Fast);
         let log = store.open_stream("acme").unwrap();
         log.append(1, 100, &frames(1, 5)).unwrap();
         store.commit().await.unwrap().unwrap();
@@ -958,8 +978,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let big = Bytes::from(vec![b'y'; 300 << 10]);
         {
-            let store =
-                SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+            let store = open(dir.path(), Durability::Strict);
             let log = store.open_stream("acme").unwrap();
             log.append(1, 100, &frames(1, 3)).unwrap();
             log.reserve(5000).unwrap();
@@ -986,8 +1005,7 @@ mod tests {
         std::io::Write::write_all(&mut f, &torn[..torn.len() - 3]).unwrap();
         drop(f);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let store =
-            SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Strict);
         assert_eq!(
             std::fs::metadata(&seg).unwrap().len(),
             whole,
@@ -1002,11 +1020,7 @@ mod tests {
             }
         );
         let mut out = Vec::new();
-        let all = ReadLimit {
-            entries: usize::MAX,
-            bytes: usize::MAX,
-        };
-        log.read(0, u64::MAX, all, &mut out).unwrap();
+        log.read(0, u64::MAX, ALL, &mut out).unwrap();
         assert_eq!(out.len(), 4);
         assert_eq!(out[3].frame, big);
         store.close().unwrap();
@@ -1017,8 +1031,7 @@ mod tests {
     #[tokio::test]
     async fn the_index_reopens_in_place_and_recovers_what_it_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            SledStore::open(dir.path(), Durability::Strict, Duration::from_millis(5)).unwrap();
+        let store = open(dir.path(), Durability::Strict);
         let log = store.open_stream("acme").unwrap();
         log.append(1, 100, &frames(1, 3)).unwrap();
         store.commit().await.unwrap().unwrap();
@@ -1090,11 +1103,7 @@ mod tests {
 
     fn seqs_len(log: &dyn StreamLog) -> usize {
         let mut out = Vec::new();
-        let all = ReadLimit {
-            entries: usize::MAX,
-            bytes: usize::MAX,
-        };
-        log.read(0, u64::MAX, all, &mut out).unwrap();
+        log.read(0, u64::MAX, ALL, &mut out).unwrap();
         out.len()
     }
 
