@@ -11,8 +11,9 @@
 //! [`Topics::publish_or_hold`] then [`Topics::poll_held`]. A message goes to every
 //! subscriber or to none ([`Topics::try_publish`]); one that finds an inbox full is held
 //! until that inbox makes room, at most `stomp_publish_wait_ms`, and then
-//! [`Topics::publish_now`] cuts whoever is still full (kicked as too slow). The server's own events (chat services, endpoint
-//! pushes) cannot wait and use [`Topics::publish`], which cuts a full subscriber at once.
+//! [`Topics::publish_now`] cuts whoever is still full (kicked as too slow). The server's own
+//! events (chat services, endpoint pushes) cannot wait and use [`Topics::publish`], which
+//! cuts a full subscriber at once.
 //! Must not know about frames: a message is a body and its headers, encoded by the
 //! front-end of each subscriber.
 
@@ -279,9 +280,7 @@ impl Topics {
 
     /// Subscribers of `destination` right now.
     pub fn subscribers(&self, destination: &str) -> usize {
-        self.topics
-            .get(destination)
-            .map_or(0, |t| t.subs.lock().len())
+        self.topic(destination).map_or(0, |t| t.subs.lock().len())
     }
 }
 

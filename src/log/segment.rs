@@ -368,6 +368,13 @@ fn checked_body(frame: &[u8]) -> Option<&[u8]> {
 mod tests {
     use super::*;
 
+    /// The segments of `dir` and a writer starting file 1.
+    fn writer(dir: &Path) -> (Arc<Segments>, Writer) {
+        let segments = Arc::new(Segments::new(dir.to_path_buf(), SEGMENT_BYTES));
+        let w = Writer::open(segments.clone(), 1, 0).unwrap();
+        (segments, w)
+    }
+
     fn frames(n: u64) -> Vec<Bytes> {
         (1..=n).map(|s| Bytes::from(format!("f{s}"))).collect()
     }
@@ -391,8 +398,7 @@ mod tests {
     #[test]
     fn records_round_trip_through_a_file_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), SEGMENT_BYTES));
-        let mut w = Writer::open(segments.clone(), 1, 0).unwrap();
+        let (segments, mut w) = writer(dir.path());
         let mut buf = Vec::new();
         let (a, a_len) = encode_readings(&mut buf, "acme", 1, 100, &frames(3));
         encode_reserve(&mut buf, "acme", 70_000);
@@ -442,8 +448,7 @@ mod tests {
     #[test]
     fn a_flipped_bit_ends_the_scan_there() {
         let dir = tempfile::tempdir().unwrap();
-        let segments = Arc::new(Segments::new(dir.path().to_path_buf(), SEGMENT_BYTES));
-        let mut w = Writer::open(segments.clone(), 1, 0).unwrap();
+        let (segments, mut w) = writer(dir.path());
         let mut buf = Vec::new();
         encode_readings(&mut buf, "acme", 1, 100, &frames(3));
         let second = buf.len();
