@@ -118,6 +118,30 @@ pub enum Scenario {
     /// Serve a null relay (no store, no checks) to measure the relay scenario's baseline
     /// with the same client: run it, then point `relay --url` at it.
     NullRelay(NullRelayArgs),
+    /// The disk's floor for `durability = "strict"`: readings arrive at `--rate`, one thread
+    /// appends whatever has arrived with one pwrite and one fdatasync, and reports each
+    /// reading's arrival→synced latency. No server, no network.
+    DiskFloor(DiskFloorArgs),
+}
+
+/// Options of `disk-floor`.
+#[derive(Args, Debug, Clone)]
+pub struct DiskFloorArgs {
+    /// Directory on the disk to measure (the server's data_dir); a file is created and removed.
+    #[arg(long, value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+
+    /// Readings per second.
+    #[arg(long, short, default_value_t = 10_000.0)]
+    pub rate: f64,
+
+    /// Seconds to run.
+    #[arg(long, short, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Bytes written per reading (a SUBMIT of the relay scenario's default size stores ~150).
+    #[arg(long, short, default_value_t = 150)]
+    pub size: usize,
 }
 
 /// Options of `stomp`.

@@ -26,6 +26,8 @@
 //! - `connections`: opens `--count` idle identified producers at
 //!   `--concurrency`; reports setup rate and server RSS growth per
 //!   connection (from `/metrics`) after `--hold`.
+//! - `disk-floor`: no server; readings arrive at `--rate`, one thread commits them with a
+//!   `pwrite` and an `fdatasync` each time: the disk's floor for strict mode's latency.
 //!
 //! Output is a table on stdout (or one JSON object with `--json`) and a
 //! progress display on stderr when it is a terminal. Exit status: 0 when
@@ -36,6 +38,7 @@ mod check;
 mod cli;
 mod creds;
 mod ctx;
+mod disk_floor;
 mod frames;
 mod http;
 mod null_relay;
@@ -89,6 +92,9 @@ fn run(cli: Cli) -> Result<bool> {
         runtime.shutdown_timeout(Duration::from_millis(200));
         return Ok(true);
     }
+    if let Scenario::DiskFloor(args) = &cli.scenario {
+        return emit(disk_floor::run(args)?, common.json);
+    }
     let target = Target::parse(&common.url, common.allow_remote)?;
     // STOMP topics are open to anonymous clients: no credentials needed, unless messages
     // go through the HTTP publish API.
@@ -133,7 +139,9 @@ fn run(cli: Cli) -> Result<bool> {
                     emit(scenario::connections::run(&ctx, args).await?, common.json)
                 }
                 Scenario::Stomp(args) => emit(scenario::stomp::run(&ctx, args).await?, common.json),
-                Scenario::NullRelay(_) => Err(anyhow!("null-relay is served before this point")),
+                Scenario::NullRelay(_) | Scenario::DiskFloor(_) => {
+                    Err(anyhow!("served before the runtime starts"))
+                }
             }
         };
         tokio::time::timeout(timeout + TEARDOWN_GRACE, scenario)

@@ -3,7 +3,9 @@
 //! Owns the segment writer of a [`super::SledStore`]. Stream owners ask for a commit and await
 //! the answer; every request that arrives while a commit runs shares the next one. Each commit
 //! encodes every stream's tail into one reused buffer, writes it with one `pwrite`, syncs it
-//! with one `fdatasync`, then indexes the records. In fast durability the same thread also
+//! with one `fdatasync`, answers the requests, then indexes the records: the segments are the
+//! truth and the index is rebuilt from them, so a reading is durable at the sync and its
+//! DISPATCH does not wait for sled. In fast durability the same thread also
 //! commits on a timer whenever something was appended.
 //!
 //! A failed write is cut off the file (see `segment::Writer::append`). What it held then
@@ -70,6 +72,11 @@ impl Committer {
             buf: Vec::new(),
             scratch: Scratch::default(),
             staged: Vec::new(),
+            tails: Vec::new(),
+            through: Vec::new(),
+            reserves: Vec::new(),
+            written_at: None,
+            reindex: false,
         };
         let thread = std::thread::Builder::new()
             .name("sensorgate-commit".into())
@@ -132,6 +139,14 @@ struct Flush {
     buf: Vec<u8>,
     scratch: Scratch,
     staged: Vec<Staged>,
+    /// What the commit in progress took: its tails, the newest seq it encoded of each, the
+    /// reservations it carries (by tail), and where it was written.
+    tails: Vec<Arc<Tail>>,
+    through: Vec<Option<u64>>,
+    reserves: Vec<(usize, u64)>,
+    written_at: Option<(u64, u64)>,
+    /// A written commit could not be indexed: the index is rebuilt before the next write.
+    reindex: bool,
 }
 
 fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
@@ -148,14 +163,28 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
                 }
             }
             Err(RecvTimeoutError::Disconnected) => {
-                if let Err(e) = flush.commit().and_then(|()| flush.checkpoint()) {
+                let last = flush
+                    .write()
+                    .and_then(|()| flush.settle())
+                    .and_then(|()| flush.checkpoint());
+                if let Err(e) = last {
                     tracing::error!(error = %e, "final commit failed");
                 }
                 return;
             }
         }
         waiters.extend(rx.try_iter());
-        let result = flush.commit();
+        let written = flush.write();
+        // The readings are durable once synced: their owners hear it before the index is
+        // updated, so sled's time is never on the way from a SUBMIT to its DISPATCH.
+        for w in waiters.drain(..) {
+            let answer = match &written {
+                Ok(()) => Ok(()),
+                Err(e) => Err(LogError::Io(std::io::Error::other(e.to_string()))),
+            };
+            let _ = w.send(answer);
+        }
+        let result = written.and_then(|()| flush.settle());
         let was_writable = flush.writable.swap(result.is_ok(), Ordering::AcqRel);
         match &result {
             Err(e) => {
@@ -167,32 +196,27 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
             Ok(()) if !was_writable => tracing::info!("the store writes again"),
             Ok(()) => {}
         }
-        for w in waiters.drain(..) {
-            let answer = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(LogError::Io(std::io::Error::other(e.to_string()))),
-            };
-            let _ = w.send(answer);
-        }
     }
 }
 
 impl Flush {
-    /// Writes and syncs every tail, then indexes what it wrote.
-    fn commit(&mut self) -> Result<(), LogError> {
+    /// Writes and syncs every tail, and marks what it wrote as written. The index follows
+    /// in [`Flush::settle`].
+    fn write(&mut self) -> Result<(), LogError> {
         self.shared.dirty.store(false, Ordering::Release);
-        let tails = self.shared.take_pending();
+        self.tails = self.shared.take_pending();
         self.buf.clear();
         self.staged.clear();
-        let mut through: Vec<Option<u64>> = Vec::with_capacity(tails.len());
-        let mut reserves: Vec<(usize, u64)> = Vec::new();
-        for (i, tail) in tails.iter().enumerate() {
+        self.through.clear();
+        self.reserves.clear();
+        self.written_at = None;
+        for (i, tail) in self.tails.iter().enumerate() {
             if let Some(r) = tail.reserve.lock().take() {
                 segment::encode_reserve(&mut self.buf, &tail.name, r);
-                reserves.push((i, r));
+                self.reserves.push((i, r));
             }
             let staged = &mut self.staged;
-            through.push(tail.encode(
+            self.through.push(tail.encode(
                 &mut self.buf,
                 &mut self.scratch,
                 |first, count, ts_ms, at, len| {
@@ -209,47 +233,83 @@ impl Flush {
         }
         // The frames go as soon as the tails let go of them, not at the next commit.
         self.scratch.clear();
-        if !self.buf.is_empty() {
-            let started = Instant::now();
-            match self.writer.append(&self.buf) {
-                Ok(written) => {
-                    crate::metrics::handles()
-                        .fsync_seconds
-                        .record(started.elapsed().as_secs_f64());
-                    if let Err(e) = self.index(&tails, &through, &reserves, written) {
-                        // Unindexed records would come back at recovery: the commit fails
-                        // as a whole. A cut that fails too leaves it to recovery's scan,
-                        // and the store unwritable meanwhile.
-                        if let Err(cut) = self.writer.cut_back(written.1) {
-                            tracing::error!(error = %cut, "could not cut an unindexed commit off the log");
-                        }
-                        self.failed(&tails, &through, &reserves);
-                        return Err(e);
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if self.reindex && !self.reopen_index() {
+            self.failed();
+            return Err(LogError::NotWritable);
+        }
+        let started = Instant::now();
+        match self.writer.append(&self.buf) {
+            Ok(at) => {
+                crate::metrics::handles()
+                    .fsync_seconds
+                    .record(started.elapsed().as_secs_f64());
+                self.written_at = Some(at);
+                for (tail, through) in self.tails.iter().zip(&self.through) {
+                    if let Some(seq) = through {
+                        tail.written.fetch_max(*seq, Ordering::AcqRel);
                     }
                 }
-                Err(e) => {
-                    self.failed_bytes = self.buf.len();
-                    self.failed(&tails, &through, &reserves);
-                    return Err(e);
+                for &(i, r) in &self.reserves {
+                    self.tails[i].reserved.fetch_max(r, Ordering::AcqRel);
                 }
+                Ok(())
+            }
+            Err(e) => {
+                self.failed_bytes = self.buf.len();
+                self.failed();
+                Err(e)
             }
         }
+    }
+
+    /// Indexes what [`Flush::write`] wrote and lets the tails go of it. An index that fails
+    /// here leaves the records where they are — durable, acknowledged, in their tails for
+    /// readers, skipped by the next encode — and the store unwritable until the index is
+    /// reopened and rebuilt from the segments (the checkpoint has not moved past them).
+    fn settle(&mut self) -> Result<(), LogError> {
+        let indexed = match self.written_at.take() {
+            Some(at) => self.index(at),
+            None => Ok(()),
+        };
         if self.buf.capacity() > KEEP_BUF {
             self.buf = Vec::new();
         }
+        if let Err(e) = indexed {
+            tracing::error!(error = %e, "a written commit could not be indexed; rebuilding the index from the segments");
+            self.reindex = true;
+            if !self.reopen_index() {
+                self.tails.clear();
+                return Err(e);
+            }
+        }
+        self.tails.clear();
         self.delete_dead_segments()
+    }
+
+    /// Reopens the index and re-indexes from the segments everything past the checkpoint,
+    /// then lets the commit's tails go of what is indexed now (another stream's written
+    /// readings leave its tail at its next commit; reads meanwhile find them in either).
+    /// Whether it worked.
+    fn reopen_index(&mut self) -> bool {
+        if let Err(e) = self.shared.reopen_index() {
+            tracing::warn!(error = %e, "the index cannot be reopened yet");
+            return false;
+        }
+        self.reindex = false;
+        for tail in &self.tails {
+            tail.written_through(tail.written.load(Ordering::Acquire));
+        }
+        true
     }
 
     /// Indexes the records just written at `(segment, at)` and moves the checkpoint past
     /// them; then the tails let go of them.
-    fn index(
-        &mut self,
-        tails: &[Arc<Tail>],
-        through: &[Option<u64>],
-        reserves: &[(usize, u64)],
-        (segment, at): (u64, u64),
-    ) -> Result<(), LogError> {
-        let trees = tails
+    fn index(&mut self, (segment, at): (u64, u64)) -> Result<(), LogError> {
+        let trees = self
+            .tails
             .iter()
             .map(|t| self.shared.tree(&t.name))
             .collect::<Result<Vec<_>, _>>()?;
@@ -267,13 +327,13 @@ impl Flush {
             trees[s.tail].insert(s.first.to_be_bytes(), &entry.encode())?;
         }
         *self.shared.live.lock().entry(segment).or_default() += self.staged.len() as u64;
-        for &(i, r) in reserves {
-            raise_reserved(&meta, &tails[i].name, r)?;
+        for &(i, r) in &self.reserves {
+            raise_reserved(&meta, &self.tails[i].name, r)?;
         }
         if self.checkpointed.elapsed() >= CHECKPOINT_EVERY {
             self.checkpoint()?;
         }
-        for (tail, through) in tails.iter().zip(through) {
+        for (tail, through) in self.tails.iter().zip(&self.through) {
             if let Some(seq) = through {
                 tail.written_through(*seq);
             }
@@ -294,17 +354,18 @@ impl Flush {
     /// A write failed and was cut off: the tails and reservations go back on the list to be
     /// written later (fast), or the readings go (strict; their owners were never told they
     /// were stored, and learn it from `written`).
-    fn failed(&self, tails: &[Arc<Tail>], through: &[Option<u64>], reserves: &[(usize, u64)]) {
-        for &(i, r) in reserves {
-            let mut pending = tails[i].reserve.lock();
+    fn failed(&mut self) {
+        for &(i, r) in &self.reserves {
+            let mut pending = self.tails[i].reserve.lock();
             *pending = Some(pending.map_or(r, |p| p.max(r)));
         }
-        for (tail, through) in tails.iter().zip(through) {
+        for (tail, through) in self.tails.iter().zip(&self.through) {
             if let (false, Some(seq)) = (self.keep_failed, through) {
                 tail.runs.lock().retain(|r| r.first > *seq);
             }
             self.shared.list(tail);
         }
+        self.tails.clear();
         self.shared.dirty.store(true, Ordering::Release);
     }
 
@@ -314,11 +375,8 @@ impl Flush {
         if self.writer.probe(self.failed_bytes + PROBE_BYTES).is_err() {
             return false;
         }
-        if !self.shared.index_healthy() {
-            if let Err(e) = self.shared.reopen_index() {
-                tracing::warn!(error = %e, "the index cannot be reopened yet");
-                return false;
-            }
+        if (self.reindex || !self.shared.index_healthy()) && !self.reopen_index() {
+            return false;
         }
         self.writable.store(true, Ordering::Release);
         tracing::info!("the disk takes writes again");

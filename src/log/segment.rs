@@ -324,15 +324,6 @@ impl Writer {
         Ok((self.id, at))
     }
 
-    /// Cuts the file being written back to `at` (the start of a commit that must not count
-    /// after all: its records could not be indexed).
-    pub(super) fn cut_back(&mut self, at: u64) -> Result<(), LogError> {
-        self.file.set_len(at)?;
-        self.file.sync_data()?;
-        self.len = at;
-        Ok(())
-    }
-
     /// Writes `probe` zero bytes past the end and syncs, then cuts them off again: whether
     /// the disk takes writes again after a failure.
     pub(super) fn probe(&mut self, probe: usize) -> Result<(), LogError> {
