@@ -139,15 +139,27 @@ impl FrameParser {
                 0 => Message::Close(None),
                 1 => return Err(ReadError::Protocol("close frame with a one-byte body")),
                 _ => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    if !close_code_allowed(code) {
+                        return Err(ReadError::Protocol("close frame with an invalid code"));
+                    }
                     if std::str::from_utf8(&payload[2..]).is_err() {
                         return Err(ReadError::InvalidUtf8);
                     }
-                    Message::Close(Some(u16::from_be_bytes([payload[0], payload[1]])))
+                    Message::Close(Some(code))
                 }
             },
         };
         Ok(Parsed::Message(message, total))
     }
+}
+
+/// Whether a peer may send `code` in a close frame (RFC 6455 §7.4): the defined codes a
+/// peer may put on the wire (1000–1003, 1007–1014) and the ranges for libraries and
+/// applications (3000–4999). 1004–1006 and 1015 must never be sent; everything else is
+/// unassigned. Anything else is a protocol error, answered with 1002.
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn finish(opcode: OpCode, payload: Cow<'_, [u8]>) -> Result<Message<'_>, ReadError> {
@@ -305,6 +317,33 @@ mod tests {
         ];
         for step in [1, 3, 7, 64, 4096, wire.len()] {
             assert_eq!(parse_all(&wire, 100_000, step), want, "step {step}");
+        }
+    }
+
+    /// Autobahn 7.7.x and 7.9.x: a close code a peer may not send is a protocol error.
+    #[test]
+    fn a_close_with_an_invalid_code_is_a_protocol_error() {
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1011, 1014, 3000, 3999, 4000, 4999,
+        ] {
+            let wire = client_frame(true, 8, &code.to_be_bytes());
+            assert_eq!(
+                parse_all(&wire, 100, 1),
+                vec![Got::Close(Some(code))],
+                "{code}"
+            );
+        }
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let wire = client_frame(true, 8, &code.to_be_bytes());
+            assert_eq!(
+                parse_all(&wire, 100, 1),
+                vec![Got::Err(ReadError::Protocol(
+                    "close frame with an invalid code"
+                ))],
+                "{code}"
+            );
         }
     }
 
