@@ -58,3 +58,55 @@ async fn invalid_close_codes_are_answered_1002_on_every_endpoint() {
     }
     srv.producer("still-served").await.ping().await;
 }
+
+/// A header value a 1.2 client escaped (`\n`) reaches a 1.0 subscriber, which has no
+/// escapes: written raw it would end the headers and let the sender frame a MESSAGE of its
+/// own. The 1.0 copy leaves that header out; the 1.2 copy keeps it. A NUL in a header is
+/// refused outright (ERROR, 1002).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_cannot_forge_frames_for_an_older_subscriber() {
+    let srv = TestServer::start().await;
+    let (mut old, connected) = Stomp::connected(&srv, "").await;
+    assert!(connected.contains("version:1.0"), "{connected}");
+    old.subscribe("0", "/topic/forge").await;
+    let (mut new, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    new.subscribe("0", "/topic/forge").await;
+
+    let token = srv.token("/auth/user?id=sender").await;
+    let (mut sender, _) =
+        Stomp::connected(&srv, &format!("accept-version:1.2\npasscode:{token}\n")).await;
+    sender
+        .send_synced(
+            "SEND\ndestination:/topic/forge\nx:a\\n\\nMESSAGE\\nforged\\cyes\ny:kept\n\nfirst\0",
+            "r1",
+        )
+        .await;
+    sender
+        .send_synced("SEND\ndestination:/topic/forge\n\nsecond\0", "r2")
+        .await;
+
+    let first = old.frame().await;
+    assert!(first.starts_with("MESSAGE\n"), "{first:?}");
+    assert_eq!(common::stomp::header(&first, "x"), None, "{first:?}");
+    assert_eq!(common::stomp::header(&first, "forged"), None, "{first:?}");
+    assert_eq!(common::stomp::header(&first, "y").as_deref(), Some("kept"));
+    assert!(first.ends_with("\n\nfirst"), "{first:?}");
+    assert_eq!(old.message_body().await, "second");
+
+    let first = new.frame().await;
+    assert_eq!(
+        common::stomp::header(&first, "x").as_deref(),
+        Some("a\n\nMESSAGE\nforged:yes")
+    );
+    assert_eq!(new.message_body().await, "second");
+
+    sender
+        .send("SEND\ndestination:/topic/forge\nx:a\0b\n\nthird\0")
+        .await;
+    let error = sender.frame().await;
+    assert!(error.starts_with("ERROR\n"), "{error:?}");
+    assert!(error.contains("NUL inside a header"), "{error:?}");
+    assert_eq!(sender.close_code().await, 1002);
+    old.send_synced("SUBSCRIBE\nid:1\ndestination:/topic/other\n\n\0", "still")
+        .await;
+}

@@ -218,11 +218,15 @@ fn parse(body: &Bytes, max_data: usize, prefixes: &[String]) -> Result<Parsed, S
                 return Err(format!("data larger than {max_data} bytes"));
             }
             let headers = pass_through(one.headers.into_iter().collect());
-            if headers
-                .iter()
-                .any(|(n, v)| n.is_empty() || n.contains([':', '\n']) || v.contains('\n'))
-            {
-                return Err("header names must be non-empty, without ':' or newlines".into());
+            // NUL, CR and LF are what a subscriber's framing could mistake for its own.
+            let framing = ['\0', '\r', '\n'];
+            if headers.iter().any(|(n, v)| {
+                n.is_empty() || n.contains(':') || n.contains(framing) || v.contains(framing)
+            }) {
+                return Err(
+                    "header names must be non-empty and without ':'; names and values without NUL, CR or LF"
+                        .into(),
+                );
             }
             // `data` borrows from the request body: the message shares it, uncopied.
             Ok(Item::Topic(
@@ -302,6 +306,22 @@ mod tests {
             (
                 br#"{"destination":"/bimserver/newProject","data":{"poid":1},"headers":{"a":"b"}}"#,
                 "take no headers",
+            ),
+            (
+                br#"{"destination":"/topic/a","data":1,"headers":{"x":"a\u0000b"}}"#,
+                "without NUL, CR or LF",
+            ),
+            (
+                br#"{"destination":"/topic/a","data":1,"headers":{"x":"a\rb"}}"#,
+                "without NUL, CR or LF",
+            ),
+            (
+                br#"{"destination":"/topic/a","data":1,"headers":{"x":"a\nb"}}"#,
+                "without NUL, CR or LF",
+            ),
+            (
+                br#"{"destination":"/topic/a","data":1,"headers":{"x\r":"b"}}"#,
+                "without NUL, CR or LF",
             ),
         ] {
             let max = if want == "data larger than" { 3 } else { 1000 };

@@ -183,6 +183,8 @@ pub enum CodecError {
     NotUtf8,
     #[error("carriage return inside a header line")]
     BareCarriageReturn,
+    #[error("NUL inside a header")]
+    NulInHeader,
     #[error("frame larger than {0} bytes")]
     FrameTooLarge(usize),
     #[error("more than {0} headers")]
@@ -300,6 +302,10 @@ fn decode_head(buf: &[u8], version: Version, limits: &Limits) -> Result<Option<H
         if line.len() > limits.max_header_line {
             return Err(CodecError::HeaderLineTooLong(limits.max_header_line));
         }
+        // No version can carry a NUL in a header: it ends the frame for whoever reads it.
+        if memchr(0, line).is_some() {
+            return Err(CodecError::NulInHeader);
+        }
         if line.is_empty() {
             break at;
         }
@@ -374,7 +380,7 @@ pub fn encode_parts<'a>(
     out.push(b'\n');
     let escaped = command.escapes() && version != Version::V1_0;
     for (name, value) in headers {
-        if name == "content-length" {
+        if name == "content-length" || !carries(name, value, escaped, version) {
             continue;
         }
         push_escaped(out, name, escaped, version);
@@ -390,6 +396,24 @@ pub fn encode_parts<'a>(
     out.push(b'\n');
     out.extend_from_slice(body);
     out.push(0);
+}
+
+/// Whether a header survives this version's framing as it is. 1.0 (and the unescaped
+/// CONNECT/CONNECTED) cannot carry a newline, a carriage return, or a colon in a name; 1.1
+/// escapes all but the carriage return; 1.2 escapes everything. NUL ends a frame in every
+/// version. A header that does not survive is left out of this recipient's copy: written
+/// raw, it would end the header early or start a frame of the sender's making.
+fn carries(name: &str, value: &str, escaped: bool, version: Version) -> bool {
+    let ok = |s: &str, is_name: bool| {
+        s.bytes().all(|b| match b {
+            0 => false,
+            b'\r' => escaped && version == Version::V1_2,
+            b'\n' => escaped,
+            b':' => escaped || !is_name,
+            _ => true,
+        })
+    };
+    ok(name, true) && ok(value, false)
 }
 
 fn push_escaped(out: &mut Vec<u8>, s: &str, escaped: bool, version: Version) {
@@ -519,6 +543,60 @@ mod tests {
             frame(b"CONNECT\nlogin:a\\tb\n\n\0", Version::V1_2).header("login"),
             Some("a\\tb")
         );
+    }
+
+    /// A value a 1.2 client escaped must not become a second frame for a 1.0 subscriber:
+    /// what a version cannot carry is left out of its copy, and each copy decodes as
+    /// exactly one frame with every other header intact.
+    #[test]
+    fn a_header_a_version_cannot_carry_is_left_out_of_its_copy() {
+        let sent = frame(
+            b"SEND\ndestination:/topic/a\nx:a\\n\\nMESSAGE\\nforged\\cyes\ny:ok\ncr:a\\rb\n\nbody\0",
+            Version::V1_2,
+        );
+        assert_eq!(sent.header("x"), Some("a\n\nMESSAGE\nforged:yes"));
+        assert_eq!(sent.header("cr"), Some("a\rb"));
+        let headers = || {
+            sent.headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .chain([("line\nname", "v"), ("colon:name", "v")])
+        };
+        for (version, kept) in [
+            (Version::V1_0, vec!["destination", "y"]),
+            (
+                Version::V1_1,
+                vec!["destination", "x", "y", "line\nname", "colon:name"],
+            ),
+            (
+                Version::V1_2,
+                vec!["destination", "x", "y", "cr", "line\nname", "colon:name"],
+            ),
+        ] {
+            let mut wire = Vec::new();
+            encode_parts(Command::Message, headers(), b"body", version, &mut wire);
+            let mut buf = BytesMut::from(&wire[..]);
+            let Some(Decoded::Frame(got)) = decode(&mut buf, version, &Limits::default()).unwrap()
+            else {
+                panic!("{version:?}: no frame");
+            };
+            assert!(buf.is_empty(), "{version:?}: bytes left after one frame");
+            let names: Vec<&str> = got.headers.iter().map(|(n, _)| n.as_str()).collect();
+            let want: Vec<&str> = kept.into_iter().chain(["content-length"]).collect();
+            assert_eq!(names, want, "{version:?}");
+            assert_eq!(&got.body[..], b"body");
+        }
+    }
+
+    #[test]
+    fn nul_in_a_header_is_refused_in_every_version() {
+        for version in Version::ALL {
+            assert_eq!(
+                one(b"SEND\ndestination:/a\nx:a\0b\n\nhi\0", version),
+                Err(CodecError::NulInHeader),
+                "{version:?}"
+            );
+        }
     }
 
     #[test]
