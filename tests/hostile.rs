@@ -110,3 +110,62 @@ async fn a_header_cannot_forge_frames_for_an_older_subscriber() {
     old.send_synced("SUBSCRIBE\nid:1\ndestination:/topic/other\n\n\0", "still")
         .await;
 }
+
+/// Open transactions hold their SENDs until COMMIT: bounded in bytes per connection
+/// (1 MiB), not only in count, or one client could hold a gigabyte. Past it: ERROR
+/// `transaction too large`, close 1002. Under it, a COMMIT delivers everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_transactions_are_bounded_in_bytes() {
+    let srv = TestServer::start().await;
+    let (mut sub, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    sub.subscribe("0", "/topic/tx").await;
+    let token = srv.token("/auth/user?id=tx").await;
+    let headers = format!("accept-version:1.2\npasscode:{token}\n");
+    let (mut client, _) = Stomp::connected(&srv, &headers).await;
+
+    let body = "b".repeat(60 << 10);
+    client
+        .send_synced("BEGIN\ntransaction:small\n\n\0", "b1")
+        .await;
+    for _ in 0..4 {
+        client
+            .send(&format!(
+                "SEND\ndestination:/topic/tx\ntransaction:small\n\n{body}\0"
+            ))
+            .await;
+    }
+    client
+        .send_synced("COMMIT\ntransaction:small\n\n\0", "c1")
+        .await;
+    for _ in 0..4 {
+        assert_eq!(sub.message_body().await.len(), body.len());
+    }
+
+    // Two transactions, 60 KiB SENDs: the one that takes them past 1 MiB is refused.
+    for tx in ["a", "b"] {
+        client
+            .send_synced(&format!("BEGIN\ntransaction:{tx}\n\n\0"), tx)
+            .await;
+    }
+    let mut error = None;
+    for i in 0..20 {
+        let tx = ["a", "b"][i % 2];
+        client
+            .send(&format!(
+                "SEND\ndestination:/topic/tx\ntransaction:{tx}\nreceipt:s{i}\n\n{body}\0"
+            ))
+            .await;
+        let reply = client.frame().await;
+        if reply.starts_with("ERROR\n") {
+            error = Some((i, reply));
+            break;
+        }
+        assert_eq!(reply, format!("RECEIPT\nreceipt-id:s{i}\n\n"));
+    }
+    let (i, error) = error.expect("an ERROR before 20 × 60 KiB were held");
+    assert_eq!(i, 17, "the 18th SEND (past 1 MiB) is refused");
+    assert!(error.contains("message:transaction too large"), "{error:?}");
+    assert_eq!(client.close_code().await, 1002);
+    sub.send_synced("SUBSCRIBE\nid:1\ndestination:/topic/other\n\n\0", "still")
+        .await;
+}

@@ -42,6 +42,9 @@ use crate::metrics::{self, stomp_out, StompError};
 const MAX_TRANSACTIONS: usize = 16;
 /// SENDs and ACKs one transaction may hold until COMMIT.
 const MAX_TRANSACTION_OPS: usize = 1024;
+/// Bytes all of a connection's open transactions may hold together (bodies, headers, ids):
+/// without it, 16 transactions × 1,024 SENDs × a 64 KiB frame is a gigabyte per client.
+const MAX_TRANSACTION_BYTES: usize = 1 << 20;
 /// Rounds of socket work per wake-up before the task lets others run.
 const BUDGET: usize = 4;
 
@@ -138,6 +141,28 @@ enum TxOp {
     },
 }
 
+impl TxOp {
+    /// What holding it costs, near enough: its variable parts plus a fixed overhead.
+    fn bytes(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        OVERHEAD
+            + match self {
+                TxOp::Send(m) => {
+                    m.destination.len()
+                        + m.body.len()
+                        + m.headers
+                            .iter()
+                            .map(|(n, v)| n.len() + v.len())
+                            .sum::<usize>()
+                }
+                TxOp::App(_) => 0,
+                TxOp::Ack { id, subscription } => {
+                    id.len() + subscription.as_ref().map_or(0, String::len)
+                }
+            }
+    }
+}
+
 struct State {
     ctx: Arc<ConnCtx>,
     id: u64,
@@ -158,6 +183,8 @@ struct State {
     by_id: HashMap<String, u64>,
     next_key: u64,
     transactions: HashMap<String, Vec<TxOp>>,
+    /// Bytes held by all of `transactions`, bounded by [`MAX_TRANSACTION_BYTES`].
+    held_bytes: usize,
     inbox: Inbox,
     deliveries: mpsc::UnboundedReceiver<TopicDelivery>,
     /// A token from the upgrade request, used when CONNECT carries none.
@@ -206,6 +233,7 @@ pub(super) async fn run(
         by_id: HashMap::new(),
         next_key: 0,
         transactions: HashMap::new(),
+        held_bytes: 0,
         inbox,
         deliveries,
         bearer,
@@ -687,12 +715,12 @@ impl State {
                 return Err(CloseCode::Protocol.into());
             }
             Inbound::Commit { transaction } => {
-                for op in self.transactions.remove(&transaction).unwrap_or_default() {
+                for op in self.end_transaction(&transaction) {
                     self.apply(op);
                 }
             }
             Inbound::Abort { transaction } => {
-                self.transactions.remove(&transaction);
+                self.end_transaction(&transaction);
             }
             Inbound::Disconnect => {
                 if let Some(receipt_id) = receipt {
@@ -866,7 +894,8 @@ impl State {
             self.error(out, StompError::State, &message, receipt.clone());
             return Err(CloseCode::Protocol.into());
         };
-        if held.len() >= MAX_TRANSACTION_OPS {
+        let bytes = op.bytes();
+        if held.len() >= MAX_TRANSACTION_OPS || self.held_bytes + bytes > MAX_TRANSACTION_BYTES {
             self.error(
                 out,
                 StompError::Limit,
@@ -876,7 +905,15 @@ impl State {
             return Err(CloseCode::Protocol.into());
         }
         held.push(op);
+        self.held_bytes += bytes;
         Ok(())
+    }
+
+    /// Takes a transaction's operations out (to apply at COMMIT, or drop at ABORT).
+    fn end_transaction(&mut self, transaction: &str) -> Vec<TxOp> {
+        let ops = self.transactions.remove(transaction).unwrap_or_default();
+        self.held_bytes -= ops.iter().map(TxOp::bytes).sum::<usize>();
+        ops
     }
 
     fn apply(&mut self, op: TxOp) {
