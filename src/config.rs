@@ -192,6 +192,11 @@ pub struct Config {
     /// How long a STOMP SEND or `POST /api/publish` waits for a full live-topic subscriber
     /// to make room before that subscriber is cut (ERROR, 4009); 0 cuts at once.
     pub stomp_publish_wait_ms: u64,
+    /// STOMP: a connection silent this long (no frame, no heart-beat EOL, no pong) is
+    /// closed (ERROR, 1002), whatever heart-beat it negotiated; the server pings it with a
+    /// WebSocket ping after two thirds of this, so a client whose library answers pings
+    /// stays connected. A negotiated client heart-beat shortens it to twice its rate.
+    pub stomp_idle_timeout_ms: u64,
     /// STOMP: seed 002's built-in services on `/v1` (heart-beat ticks, online employees,
     /// conversation presence, typing).
     pub stomp_services: bool,
@@ -263,6 +268,7 @@ impl Default for Config {
             stomp_max_pending_bytes: 8 << 20,
             stomp_max_unacked: 1024,
             stomp_publish_wait_ms: 1000,
+            stomp_idle_timeout_ms: 120_000,
             stomp_services: true,
             stomp_heartbeat_topic_s: 10,
             endpoint_context_path: String::new(),
@@ -321,6 +327,7 @@ const ENV_KEYS: &[&str] = &[
     "stomp_max_pending_bytes",
     "stomp_max_unacked",
     "stomp_publish_wait_ms",
+    "stomp_idle_timeout_ms",
     "stomp_services",
     "stomp_heartbeat_topic_s",
     "endpoint_context_path",
@@ -402,8 +409,9 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 22] = [
+        let positive: [(&'static str, u64); 23] = [
             ("endpoint_max_topics", self.endpoint_max_topics as u64),
+            ("stomp_idle_timeout_ms", self.stomp_idle_timeout_ms),
             ("endpoint_topic_ttl_s", self.endpoint_topic_ttl_s),
             (
                 "endpoint_max_registrations",

@@ -169,3 +169,33 @@ async fn open_transactions_are_bounded_in_bytes() {
     sub.send_synced("SUBSCRIBE\nid:1\ndestination:/topic/other\n\n\0", "still")
         .await;
 }
+
+/// Asking for no heart-beats (or a heart-beat of a year) no longer keeps a socket open
+/// for ever: a STOMP connection silent for `stomp_idle_timeout_ms` is pinged after two
+/// thirds of it and closed (ERROR, 1002) if not even a pong came back. A client whose
+/// library answers pings stays, however long it says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_stomp_client_is_closed_whatever_it_negotiated() {
+    let srv = TestServer::start_with(|c| c.stomp_idle_timeout_ms = 600).await;
+    for beats in ["0,0", "0,31536000000"] {
+        let headers = format!("accept-version:1.2\nheart-beat:{beats}\n");
+        let (mut mute, _) = Stomp::connected(&srv, &headers).await;
+        // Not reading: the ping goes unanswered.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let error = mute.frame().await;
+        assert!(error.starts_with("ERROR\n"), "{beats}: {error:?}");
+        assert!(error.contains("idle timeout"), "{error:?}");
+        assert_eq!(mute.close_code().await, 1002);
+    }
+
+    let (mut listener, _) = Stomp::connected(&srv, "accept-version:1.2\nheart-beat:0,0\n").await;
+    listener.subscribe("0", "/topic/idle").await;
+    // Reading (tungstenite answers the pings) but sending nothing, 3× the timeout.
+    let read = tokio::time::timeout(std::time::Duration::from_millis(1800), listener.frame());
+    assert!(
+        read.await.is_err(),
+        "nothing arrives, and the connection stays open"
+    );
+    common::endpoint::publish(&srv, "/topic/idle", serde_json::json!({"still": "here"})).await;
+    assert_eq!(listener.message_body().await, r#"{"still":"here"}"#);
+}

@@ -174,8 +174,14 @@ struct State {
     pending: BytesMut,
     /// Silence from the client past this ends the connection (CONNECT timeout before).
     deadline: Pin<Box<Sleep>>,
-    /// Twice the negotiated client heart-beat; zero: no deadline after CONNECT.
+    /// Silence allowed after CONNECT: `stomp_idle_timeout_ms`, or twice the negotiated
+    /// client heart-beat if shorter. Never zero, whatever was negotiated.
     silence: Duration,
+    /// The silence allowed is the idle timeout (not a negotiated heart-beat): the client
+    /// is pinged before it is closed.
+    pings: bool,
+    /// The deadline fired once and the client was pinged; the next firing closes.
+    pinged: bool,
     /// When to send a heart-beat EOL if nothing else went out.
     beat: Pin<Box<Sleep>>,
     beat_every: Duration,
@@ -227,6 +233,8 @@ pub(super) async fn run(
         pending: BytesMut::new(),
         deadline: Box::pin(sleep_until(Deadline::now() + ctx.limits.identify_timeout)),
         silence: Duration::ZERO,
+        pings: false,
+        pinged: false,
         beat: Box::pin(sleep_until(Deadline::now() + Duration::from_secs(86_400))),
         beat_every: Duration::ZERO,
         subs: HashMap::new(),
@@ -315,12 +323,21 @@ impl State {
             return Poll::Ready(Err(code.into()));
         }
         if self.deadline.as_mut().poll(cx).is_ready() {
-            let what = match self.version {
-                None => "no CONNECT in time",
-                Some(_) => "heart-beat missed",
-            };
-            self.error(&mut io.out, StompError::Timeout, what, None);
-            return Poll::Ready(Err(CloseCode::Protocol.into()));
+            if self.version.is_some() && self.pings && !self.pinged {
+                // A last chance: WebSocket libraries answer pings by themselves.
+                self.pinged = true;
+                io.out.reply(OpCode::Ping, b"");
+                let at = Deadline::now() + self.silence / 3;
+                self.deadline.as_mut().reset(at);
+            } else {
+                let what = match (self.version, self.pings) {
+                    (None, _) => "no CONNECT in time",
+                    (Some(_), false) => "heart-beat missed",
+                    (Some(_), true) => "idle timeout: nothing received, not even a pong",
+                };
+                self.error(&mut io.out, StompError::Timeout, what, None);
+                return Poll::Ready(Err(CloseCode::Protocol.into()));
+            }
         }
         for _ in 0..BUDGET {
             let mut progress = false;
@@ -551,11 +568,18 @@ impl State {
         out.reply(OpCode::Text, &bytes);
     }
 
-    /// Any byte from the client is a sign of life.
+    /// Any byte or pong from the client is a sign of life. Under the idle timeout the ping
+    /// comes after two thirds of it and the close after all of it; a negotiated heart-beat
+    /// is held to as agreed.
     fn alive(&mut self) {
-        if !self.silence.is_zero() {
-            let at = Deadline::now() + self.silence;
-            self.deadline.as_mut().reset(at);
+        if self.version.is_some() {
+            self.pinged = false;
+            let wait = if self.pings {
+                self.silence * 2 / 3
+            } else {
+                self.silence
+            };
+            self.deadline.as_mut().reset(Deadline::now() + wait);
         }
     }
 
@@ -1042,15 +1066,13 @@ impl State {
             self.beat.as_mut().reset(at);
         }
         // stompjs and the spec's advice: allow twice the window before declaring the peer
-        // dead. Without client heart-beats, the connection may stay silent.
-        self.silence = Duration::from_millis(expect.saturating_mul(2));
-        let far = Deadline::now() + Duration::from_secs(86_400 * 365);
-        let at = if expect == 0 {
-            far
-        } else {
-            Deadline::now() + self.silence
-        };
-        self.deadline.as_mut().reset(at);
+        // dead. Without client heart-beats (or with huge ones) the idle timeout still
+        // holds: a stranger cannot keep a socket open by asking for silence.
+        let idle = self.ctx.limits.stomp_idle_timeout;
+        let beats = Duration::from_millis(expect.saturating_mul(2));
+        self.pings = expect == 0 || beats >= idle;
+        self.silence = if self.pings { idle } else { beats };
+        self.alive();
         let frame = Outbound::Connected {
             version,
             heart_beat: (send, expect),
@@ -1115,6 +1137,10 @@ impl Handler for State {
 
     fn paused(&self) -> bool {
         self.blocked.is_some()
+    }
+
+    fn on_control(&mut self) {
+        self.alive();
     }
 }
 
