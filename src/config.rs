@@ -137,8 +137,14 @@ pub struct Config {
     pub retention_max_age_s: u64,
     /// 0 keeps any number of readings.
     pub retention_max_per_stream: u64,
-    /// Accepted connections (HTTP and WebSocket) before new ones wait in the kernel backlog.
+    /// Accepted connections (HTTP and WebSocket) before new ones wait in the kernel backlog
+    /// (64 more are accepted to answer health checks and 503 to everything else).
     pub max_connections: usize,
+    /// Of those, connections that have not authenticated: HTTP requests being read,
+    /// WebSockets before IDENTIFY or their token, anonymous STOMP clients. Past it a new
+    /// connection gets 503 (health checks excepted), so strangers can never take the slot of
+    /// an identified client.
+    pub max_unauthenticated_connections: usize,
     /// Time for a client to send its HTTP request headers (and so its upgrade).
     pub handshake_timeout_ms: u64,
     /// Time SIGTERM allows for closing clients and the final commit.
@@ -242,6 +248,7 @@ impl Default for Config {
             retention_max_age_s: 7 * 24 * 3600,
             retention_max_per_stream: 0,
             max_connections: 16_384,
+            max_unauthenticated_connections: 4096,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             drain_delay_ms: 0,
@@ -309,6 +316,7 @@ const ENV_KEYS: &[&str] = &[
     "retention_max_age_s",
     "retention_max_per_stream",
     "max_connections",
+    "max_unauthenticated_connections",
     "handshake_timeout_ms",
     "shutdown_grace_ms",
     "drain_delay_ms",
@@ -409,7 +417,11 @@ impl Config {
                 message: message.into(),
             }
         }
-        let positive: [(&'static str, u64); 23] = [
+        let positive: [(&'static str, u64); 24] = [
+            (
+                "max_unauthenticated_connections",
+                self.max_unauthenticated_connections as u64,
+            ),
             ("endpoint_max_topics", self.endpoint_max_topics as u64),
             ("stomp_idle_timeout_ms", self.stomp_idle_timeout_ms),
             ("endpoint_topic_ttl_s", self.endpoint_topic_ttl_s),
@@ -465,6 +477,12 @@ impl Config {
                 self.stomp_app_prefixes.iter().collect::<Vec<_>>(),
             ),
         ];
+        if self.max_unauthenticated_connections > self.max_connections {
+            return Err(invalid(
+                "max_unauthenticated_connections",
+                "must not be more than max_connections",
+            ));
+        }
         for (key, list) in prefixes {
             if let Some(bad) = list
                 .iter()

@@ -133,6 +133,7 @@ impl Server {
             ctx,
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
             max_connections: config.max_connections,
+            max_unauthenticated: config.max_unauthenticated_connections,
             stomp_paths: config.stomp_paths.clone(),
             endpoint_context_path: config.endpoint_context_path.clone(),
         });

@@ -11,6 +11,11 @@ use std::sync::OnceLock;
 
 pub const CONNECTIONS: &str = "sensorgate_connections";
 pub const CONNECTIONS_OPENED: &str = "sensorgate_connections_opened_total";
+/// TCP connections that have not authenticated (HTTP being read, WebSockets before their
+/// token, anonymous STOMP): bounded by `max_unauthenticated_connections`.
+pub const UNAUTHENTICATED: &str = "sensorgate_unauthenticated_connections";
+/// Connections accepted past a budget and answered 503 (health checks excepted), by budget.
+pub const CONNECTIONS_SHED: &str = "sensorgate_connections_shed_total";
 pub const FRAMES_IN: &str = "sensorgate_frames_in_total";
 pub const FRAMES_OUT: &str = "sensorgate_frames_out_total";
 pub const CLOSES: &str = "sensorgate_close_codes_total";
@@ -177,6 +182,9 @@ pub struct Handles {
     pub closes: [Counter; CLOSE_CODES.len()],
     pub connections: [Gauge; 3],
     pub connections_opened: Counter,
+    pub unauthenticated: Gauge,
+    /// By budget: `unauthenticated`, `total`.
+    pub connections_shed: [Counter; 2],
     pub dispatch_latency: Histogram,
     pub commit_readings: Histogram,
     pub fsync_seconds: Histogram,
@@ -254,6 +262,9 @@ pub fn handles() -> &'static Handles {
             connections: ["pending", "user", "developer"]
                 .map(|r| metrics::gauge!(CONNECTIONS, "role" => r)),
             connections_opened: metrics::counter!(CONNECTIONS_OPENED),
+            unauthenticated: metrics::gauge!(UNAUTHENTICATED),
+            connections_shed: ["unauthenticated", "total"]
+                .map(|b| metrics::counter!(CONNECTIONS_SHED, "budget" => b)),
             dispatch_latency: metrics::histogram!(DISPATCH_LATENCY),
             commit_readings: metrics::histogram!(COMMIT_READINGS),
             fsync_seconds: metrics::histogram!(FSYNC_SECONDS),
@@ -296,6 +307,14 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(CONNECTIONS, "Open WebSocket connections by role");
     describe_counter!(CONNECTIONS_OPENED, "WebSocket connections accepted");
+    describe_gauge!(
+        UNAUTHENTICATED,
+        "TCP connections that have not authenticated (max_unauthenticated_connections)"
+    );
+    describe_counter!(
+        CONNECTIONS_SHED,
+        "Connections past a budget, answered 503 except health checks, by budget"
+    );
     describe_counter!(FRAMES_IN, "Frames received by opcode");
     describe_counter!(FRAMES_OUT, "Frames sent by opcode");
     describe_counter!(CLOSES, "Connections closed by the server, by close code");

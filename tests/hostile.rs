@@ -199,3 +199,111 @@ async fn a_silent_stomp_client_is_closed_whatever_it_negotiated() {
     common::endpoint::publish(&srv, "/topic/idle", serde_json::json!({"still": "here"})).await;
     assert_eq!(listener.message_body().await, r#"{"still":"here"}"#);
 }
+
+/// Strangers have a budget of their own (`max_unauthenticated_connections`): sockets that
+/// never send a request, and anonymous STOMP clients, fill it; past it a new connection
+/// gets 503 with Retry-After, but health checks still answer and identified clients keep
+/// their slots. When strangers leave, new clients get in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_take_identified_clients_slots() {
+    let srv = TestServer::start_with(|c| {
+        c.max_connections = 40;
+        c.max_unauthenticated_connections = 8;
+    })
+    .await;
+    let mut identified = srv.producer("identified").await;
+    let shed_before = metric(
+        &srv.metrics().await,
+        "sensorgate_connections_shed_total{budget=\"unauthenticated\"}",
+    );
+
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(srv.addr).await.unwrap());
+    }
+    let mut anonymous = Vec::new();
+    for _ in 0..4 {
+        anonymous.push(Stomp::connected(&srv, "accept-version:1.2\n").await.0);
+    }
+    // The budget is full (a token request in between may have held a slot for a moment).
+    let shed = wait_for_shed(&srv).await;
+    assert_eq!(shed.0, 503, "{}", shed.1);
+    assert!(shed.1.contains("too many connections"), "{}", shed.1);
+
+    assert_eq!(http(srv.addr, "GET", "/healthz", &[]).await.0, 200);
+    assert_eq!(http(srv.addr, "GET", "/readyz", &[]).await.0, 200);
+    let scrape = srv.metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            "sensorgate_connections_shed_total{budget=\"unauthenticated\"}"
+        ) > shed_before
+    );
+    identified.ping().await;
+
+    // Strangers leave: new clients are admitted again.
+    drop(silent);
+    drop(anonymous);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/connect", srv.addr))
+            .await
+            .map_or((None, ()), |(ws, _)| (Some(ws), ()));
+        if ws.is_some() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never admitted again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    srv.producer("newcomer").await.ping().await;
+}
+
+/// A WebSocket upgrade attempt until one is shed: (status, body).
+async fn wait_for_shed(srv: &TestServer) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let reply = http(
+            srv.addr,
+            "GET",
+            "/connect",
+            &[
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+            ],
+        )
+        .await;
+        if reply.0 == 503 || tokio::time::Instant::now() > deadline {
+            return reply;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A request body that never ends is answered 408 after `handshake_timeout_ms` (`/json`
+/// reads it before any authentication), and the server serves everyone else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let srv = TestServer::start_with(|c| c.handshake_timeout_ms = 500).await;
+    for path in ["/json", "/api/publish"] {
+        let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\ndev-id: {DEV}\r\nx-api-key: {KEY}\r\n\
+             Content-Length: 1000\r\n\r\n{{\"tok"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("answered in time")
+            .unwrap();
+        let reply = String::from_utf8_lossy(&buf);
+        assert!(reply.starts_with("HTTP/1.1 408"), "{path}: {reply}");
+    }
+    assert_eq!(http(srv.addr, "GET", "/healthz", &[]).await.0, 200);
+}

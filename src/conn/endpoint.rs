@@ -16,13 +16,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::wire::push_frame_parts;
-use super::{kicked, ConnCtx};
+use super::{kicked, ConnCtx, Unauthenticated, Upgraded};
 use crate::frontend::endpoint::api::{self, Call, Envelope, Outcome};
 use crate::frontend::endpoint::frame::{push_parts, FrameError, Inbound, Outbound};
 use crate::frontend::CloseCode;
@@ -46,15 +45,18 @@ struct State {
     endpoint: Option<(u64, Arc<str>)>,
     inbox: Inbox,
     deliveries: mpsc::UnboundedReceiver<TopicDelivery>,
+    /// Given back once a token is accepted.
+    unauthenticated: Option<Unauthenticated>,
 }
 
-pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Bytes) {
+pub(super) async fn run(ctx: Arc<ConnCtx>, socket: Upgraded) {
     let m = metrics::handles();
     let (id, kick) = ctx.open();
     let (inbox, deliveries) = ctx.topic_inbox(id, &kick);
     let far = Deadline::now() + Duration::from_secs(86_400 * 365);
-    let mut io = WsSocket::new(sock, &leftover, &ctx.limits, id);
+    let mut io = WsSocket::new(socket.stream, &socket.leftover, &ctx.limits, id);
     let mut st = State {
+        unauthenticated: socket.unauthenticated,
         id,
         kick,
         deadline: Box::pin(sleep_until(Deadline::now() + ctx.limits.identify_timeout)),
@@ -161,6 +163,7 @@ impl State {
                 tracing::debug!(conn = self.id, endpoint = id, %owner, "endpoint registered");
                 m.endpoint_handshakes[0].increment(1);
                 self.endpoint = Some((id, owner));
+                self.unauthenticated = None;
                 self.alive();
                 reply(out, Outbound::Endpoint { id });
             }

@@ -166,26 +166,46 @@ fn kicked(reason: KickReason) -> socket::End {
     }
 }
 
-/// Serves the opcode protocol on an upgraded socket. `leftover` holds bytes the client sent
-/// right behind its upgrade request.
-pub async fn serve_opcode(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
-    opcode::run(ctx, stream, leftover).await
+/// A connection's place in `max_unauthenticated_connections`, taken at accept. The
+/// connection gives it back once its client authenticates (IDENTIFY, a STOMP token, an
+/// endpoint token); HTTP connections and anonymous STOMP clients keep it to the end.
+pub struct Unauthenticated(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Unauthenticated {
+    pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        crate::metrics::handles().unauthenticated.increment(1.0);
+        Self(permit)
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        crate::metrics::handles().unauthenticated.decrement(1.0);
+    }
+}
+
+/// A socket the HTTP side upgraded: the stream, the bytes the client sent right behind its
+/// upgrade request, and its place among the unauthenticated.
+pub struct Upgraded {
+    pub stream: TcpStream,
+    pub leftover: Bytes,
+    pub unauthenticated: Option<Unauthenticated>,
+}
+
+/// Serves the opcode protocol on an upgraded socket.
+pub async fn serve_opcode(ctx: Arc<ConnCtx>, socket: Upgraded) {
+    opcode::run(ctx, socket).await
 }
 
 /// Serves seed 003's notification endpoint (`/stream`) on an upgraded socket.
-pub async fn serve_endpoint(ctx: Arc<ConnCtx>, stream: TcpStream, leftover: Bytes) {
-    endpoint::run(ctx, stream, leftover).await
+pub async fn serve_endpoint(ctx: Arc<ConnCtx>, socket: Upgraded) {
+    endpoint::run(ctx, socket).await
 }
 
 pub use endpoint::execute as execute_json;
 
 /// Serves STOMP on an upgraded socket. `bearer` is a token from the upgrade request's
 /// `Authorization: Bearer` header, for clients that authenticate there (seed 002).
-pub async fn serve_stomp(
-    ctx: Arc<ConnCtx>,
-    stream: TcpStream,
-    leftover: Bytes,
-    bearer: Option<String>,
-) {
-    stomp::run(ctx, stream, leftover, bearer).await
+pub async fn serve_stomp(ctx: Arc<ConnCtx>, socket: Upgraded, bearer: Option<String>) {
+    stomp::run(ctx, socket, bearer).await
 }

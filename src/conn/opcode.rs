@@ -13,13 +13,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::net::TcpStream;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
 use super::delivery::{Delivery, Dispatch, Sent};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::CLOSE_TIMEOUT;
-use super::{kicked, ConnCtx};
+use super::{kicked, ConnCtx, Unauthenticated, Upgraded};
 use crate::auth::{Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
@@ -57,15 +56,18 @@ struct State {
     role_gauge: ConnRole,
     /// SUBMITs in the current one-second window, for `submit_rate_per_s`.
     window: (Instant, u32),
+    /// Given back at IDENTIFY.
+    unauthenticated: Option<Unauthenticated>,
 }
 
-pub(super) async fn run(ctx: Arc<ConnCtx>, sock: TcpStream, leftover: bytes::Bytes) {
+pub(super) async fn run(ctx: Arc<ConnCtx>, socket: Upgraded) {
     let m = metrics::handles();
-    let peer = sock.peer_addr().ok();
+    let peer = socket.stream.peer_addr().ok();
     let (id, kick) = ctx.open();
     let mut conn = Conn {
-        io: WsSocket::new(sock, &leftover, &ctx.limits, id),
+        io: WsSocket::new(socket.stream, &socket.leftover, &ctx.limits, id),
         st: State {
+            unauthenticated: socket.unauthenticated,
             id,
             kick,
             deadline: Box::pin(sleep_until(Deadline::now() + ctx.limits.identify_timeout)),
@@ -328,6 +330,7 @@ impl State {
         tracing::debug!(conn = self.id, developer = %principal.developer, user = %principal.user, role = principal.role.as_str(), "identified");
         self.session.identified(principal.role);
         self.principal = Some(principal);
+        self.unauthenticated = None;
         self.stream = Some(stream);
         let at = Deadline::now() + self.ctx.limits.heartbeat_deadline;
         self.deadline.as_mut().reset(at);

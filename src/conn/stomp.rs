@@ -17,13 +17,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 
 use super::delivery::{Delivery, Encode};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
-use super::{ConnCtx, CLOSE_TIMEOUT};
+use super::{ConnCtx, Unauthenticated, Upgraded, CLOSE_TIMEOUT};
 use crate::auth::{Principal, Role};
 use crate::config::StompPrincipal;
 use crate::frontend::stomp::codec::{decode, Command, Decoded, Limits, Version};
@@ -208,20 +207,18 @@ struct State {
     /// MESSAGE frames are encoded here before their WebSocket header goes in front; kept
     /// between deliveries so that none allocates.
     scratch: Vec<u8>,
+    /// Given back when CONNECT carries a token; an anonymous client keeps it.
+    unauthenticated: Option<Unauthenticated>,
 }
 
-pub(super) async fn run(
-    ctx: Arc<ConnCtx>,
-    sock: TcpStream,
-    leftover: Bytes,
-    bearer: Option<String>,
-) {
+pub(super) async fn run(ctx: Arc<ConnCtx>, socket: Upgraded, bearer: Option<String>) {
     let m = metrics::handles();
     m.stomp_connections.increment(1.0);
     let (id, kick) = ctx.open();
     let (inbox, deliveries) = ctx.topic_inbox(id, &kick);
-    let mut io = WsSocket::new(sock, &leftover, &ctx.limits, id);
+    let mut io = WsSocket::new(socket.stream, &socket.leftover, &ctx.limits, id);
     let mut st = State {
+        unauthenticated: socket.unauthenticated,
         id,
         kick,
         version: None,
@@ -1044,7 +1041,10 @@ impl State {
             .or_else(|| self.bearer.take());
         self.principal = match token {
             Some(token) => match self.ctx.auth.redeem_any(&token) {
-                Ok(p) => self.identified(p),
+                Ok(p) => {
+                    self.unauthenticated = None;
+                    self.identified(p)
+                }
                 Err(e) => {
                     tracing::info!(conn = self.id, error = %e, "STOMP CONNECT refused");
                     self.error(out, StompError::Auth, "invalid token", None);

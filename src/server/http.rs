@@ -14,9 +14,8 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
-use super::App;
+use super::{App, Slot};
 use crate::auth::{AuthError, Role};
 
 pub(super) type Body = Full<Bytes>;
@@ -24,9 +23,11 @@ pub(super) type Body = Full<Bytes>;
 pub(super) async fn route(
     req: Request<Incoming>,
     app: Arc<App>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<Slot>,
 ) -> Result<Response<Body>, Infallible> {
+    let health = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
     let (name, response) = match (req.method(), req.uri().path()) {
+        _ if permit.shed && !health => ("shed", shed()),
         (&Method::GET, "/connect") => ("connect", connect(req, app, permit, Protocol::Opcode)),
         (&Method::GET, "/stomp/websocket") => ("stomp", connect(req, app, permit, Protocol::Stomp)),
         (&Method::POST, "/api/publish") => ("publish", super::publish::publish(req, app).await),
@@ -75,6 +76,59 @@ pub(super) async fn route(
     metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => name, "status" => class)
         .increment(1);
     Ok(response)
+}
+
+/// A connection accepted past a budget: it may check health, nothing else.
+fn shed() -> Response<Body> {
+    let mut r = text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many connections: retry shortly\n",
+    );
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// Why a request body was not read.
+pub(super) enum BodyError {
+    TooLarge,
+    TooSlow,
+    Unreadable,
+}
+
+impl BodyError {
+    pub(super) fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Unreadable => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    pub(super) fn message(&self, limit: usize) -> String {
+        match self {
+            BodyError::TooLarge => format!("request body larger than {limit} bytes"),
+            BodyError::TooSlow => "request body not received in time".into(),
+            BodyError::Unreadable => "request body unreadable".into(),
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within the handshake timeout: a body that
+/// never ends holds its connection no longer than headers that never end would.
+pub(super) async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    app: &App,
+) -> Result<Bytes, BodyError> {
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(app.handshake_timeout, collect).await {
+        Err(_) => Err(BodyError::TooSlow),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Unreadable),
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -284,7 +338,7 @@ fn sockjs_info() -> Response<Body> {
 fn connect(
     mut req: Request<Incoming>,
     app: Arc<App>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<Slot>,
     protocol: Protocol,
 ) -> Response<Body> {
     if app.ctx.shutdown.is_draining() {
@@ -317,6 +371,7 @@ fn connect(
     };
     let timeout = app.handshake_timeout;
     let ctx = app.ctx.clone();
+    let unauthenticated = permit.unauthenticated.lock().take();
     app.ctx.shutdown.tracker().spawn(async move {
         let _permit = permit;
         let ws = match tokio::time::timeout(timeout, upgrade).await {
@@ -330,13 +385,15 @@ fn connect(
             .downcast::<TokioIo<TcpStream>>()
         {
             Ok(parts) => {
-                let (stream, leftover) = (parts.io.into_inner(), parts.read_buf);
+                let socket = crate::conn::Upgraded {
+                    stream: parts.io.into_inner(),
+                    leftover: parts.read_buf,
+                    unauthenticated,
+                };
                 match protocol {
-                    Protocol::Opcode => crate::conn::serve_opcode(ctx, stream, leftover).await,
-                    Protocol::Stomp => {
-                        crate::conn::serve_stomp(ctx, stream, leftover, bearer).await
-                    }
-                    Protocol::Endpoint => crate::conn::serve_endpoint(ctx, stream, leftover).await,
+                    Protocol::Opcode => crate::conn::serve_opcode(ctx, socket).await,
+                    Protocol::Stomp => crate::conn::serve_stomp(ctx, socket, bearer).await,
+                    Protocol::Endpoint => crate::conn::serve_endpoint(ctx, socket).await,
                 }
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),

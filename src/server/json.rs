@@ -4,26 +4,23 @@
 //! call it cross-origin (BIMserver's JavaScript client runs on other hosts), and the token
 //! travels in the body, not a cookie, so any origin may call it.
 
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCESS_CONTROL_ALLOW_ORIGIN};
 use hyper::{Request, Response, StatusCode};
 use std::sync::Arc;
 
-use super::http::{json, Body};
+use super::http::{json, read_body, Body};
 use super::App;
 use crate::frontend::endpoint::api::{encode_refusal, Envelope};
 
 pub(super) async fn call(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let limit = app.ctx.limits.max_frame_bytes;
-    let (status, reply) = match Limited::new(req.into_body(), limit).collect().await {
-        Err(_) => (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            encode_refusal(&format!(
-                "Request body larger than {limit} bytes (max_frame_bytes) or unreadable"
-            )),
+    let (status, reply) = match read_body(req, limit, &app).await {
+        Err(e) => (
+            e.status(),
+            encode_refusal(&format!("{} (max_frame_bytes)", e.message(limit))),
         ),
-        Ok(body) => match Envelope::parse(&body.to_bytes()) {
+        Ok(body) => match Envelope::parse(&body) {
             Ok(envelope) => (
                 StatusCode::OK,
                 crate::conn::execute_json(&app.ctx, &envelope, None),

@@ -1,5 +1,6 @@
-//! The one listener: accept loop with a connection cap, HTTP/1.1 with a header deadline, and
-//! the hand-off of upgraded sockets to `conn`.
+//! The one listener: accept loop with a connection cap and a budget for connections that
+//! have not authenticated, HTTP/1.1 with header and body deadlines, and the hand-off of
+//! upgraded sockets to `conn`.
 //!
 //! Owns the listening socket and the per-connection permits. Must not know protocol frames:
 //! routes live in [`http`], connection lives in `conn`.
@@ -15,13 +16,14 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::conn::ConnCtx;
+use crate::conn::{ConnCtx, Unauthenticated};
 
 /// What the HTTP side needs besides the connection context.
 pub struct App {
     pub ctx: Arc<ConnCtx>,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    pub max_unauthenticated: usize,
     /// Further paths serving STOMP, beside `/stomp/websocket`.
     pub stomp_paths: Vec<String>,
     /// A context path under which `/stream` and `/json` are served too ("" for none).
@@ -43,14 +45,31 @@ impl App {
     }
 }
 
-/// Accepts until shutdown begins. A permit is taken before each accept, so at the cap new
-/// clients wait in the kernel's backlog instead of costing memory here.
+/// Connections accepted past `max_connections` (or past the unauthenticated budget) only to
+/// answer health checks and 503: a probe must get through when strangers fill the rest.
+const SHED_RESERVE: usize = 64;
+/// A shed connection's time to send its request headers.
+const SHED_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What one accepted connection holds for its life: its place under `max_connections` and,
+/// unless it was shed, among the unauthenticated (which an upgrade takes along).
+pub(crate) struct Slot {
+    _total: OwnedSemaphorePermit,
+    unauthenticated: parking_lot::Mutex<Option<Unauthenticated>>,
+    /// Accepted past a budget: health checks are answered, everything else is 503.
+    shed: bool,
+}
+
+/// Accepts until shutdown begins. A permit is taken before each accept, so past the cap and
+/// its reserve new clients wait in the kernel's backlog instead of costing memory here.
 pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
-    let permits = Arc::new(Semaphore::new(app.max_connections));
+    let total = Arc::new(Semaphore::new(app.max_connections + SHED_RESERVE));
+    let strangers = Arc::new(Semaphore::new(app.max_unauthenticated));
     let shutdown = app.ctx.shutdown.clone();
+    let shed = &crate::metrics::handles().connections_shed;
     loop {
         let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            p = total.clone().acquire_owned() => p.expect("the semaphore is never closed"),
             _ = shutdown.cancelled() => break,
         };
         let accepted = tokio::select! {
@@ -60,9 +79,23 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
+                let unauthenticated = if total.available_permits() < SHED_RESERVE {
+                    shed[1].increment(1);
+                    None
+                } else if let Ok(p) = strangers.clone().try_acquire_owned() {
+                    Some(Unauthenticated::new(p))
+                } else {
+                    shed[0].increment(1);
+                    None
+                };
+                let slot = Slot {
+                    _total: permit,
+                    shed: unauthenticated.is_none(),
+                    unauthenticated: parking_lot::Mutex::new(unauthenticated),
+                };
                 shutdown
                     .tracker()
-                    .spawn(serve_http(stream, app.clone(), permit));
+                    .spawn(serve_http(stream, app.clone(), Arc::new(slot)));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the loop goes on.
@@ -74,15 +107,20 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     tracing::info!("stopped accepting connections");
 }
 
-async fn serve_http(stream: TcpStream, app: Arc<App>, permit: OwnedSemaphorePermit) {
-    let permit = Arc::new(permit);
+async fn serve_http(stream: TcpStream, app: Arc<App>, slot: Arc<Slot>) {
     let shutdown = app.ctx.shutdown.clone();
-    let timeout = app.handshake_timeout;
+    let timeout = if slot.shed {
+        SHED_HEADER_TIMEOUT.min(app.handshake_timeout)
+    } else {
+        app.handshake_timeout
+    };
+    let keep_alive = !slot.shed;
     let service =
-        hyper::service::service_fn(move |req| http::route(req, app.clone(), permit.clone()));
+        hyper::service::service_fn(move |req| http::route(req, app.clone(), slot.clone()));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
+        .keep_alive(keep_alive)
         .max_headers(64)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();

@@ -12,7 +12,6 @@
 //! every message to the hub's topics.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::AUTHORIZATION;
 use hyper::{Request, Response, StatusCode};
@@ -21,7 +20,7 @@ use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::http::{credentials, error, json, Body};
+use super::http::{credentials, error, json, read_body, Body};
 use super::App;
 use crate::frontend::endpoint::backend::{self, Event};
 use crate::frontend::endpoint::frame::{progress_push, Outbound, Push};
@@ -82,14 +81,9 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
             "unknown publisher or developer, or wrong key",
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body larger than 1 MiB or unreadable",
-            )
-        }
+    let body = match read_body(req, MAX_BODY, &app).await {
+        Ok(b) => b,
+        Err(e) => return error(e.status(), &e.message(MAX_BODY)),
     };
     let limits = &app.ctx.limits;
     let messages = match parse(&body, limits.max_frame_bytes, &limits.stomp_broker_prefixes) {
