@@ -78,8 +78,9 @@ pub type PublisherConfig = DeveloperConfig;
 /// hold a fixed token): `api_key` (or its SHA-256) is the token, `id` names its owner.
 pub type EndpointTokenConfig = DeveloperConfig;
 
-/// Which principals may SUBSCRIBE to and SEND to destinations under `prefix`; the longest
-/// matching prefix decides, and a destination no rule covers is refused.
+/// Which principals may SUBSCRIBE to and SEND to destinations under `prefix` (a prefix
+/// ending in `/`), or to exactly `prefix` (one that does not); the longest rule that covers
+/// a destination decides, and a destination no rule covers is refused.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StompRule {
@@ -91,24 +92,38 @@ pub struct StompRule {
 }
 
 impl StompRule {
-    fn open(prefix: &str) -> Self {
-        use StompPrincipal::*;
+    fn new(prefix: &str, subscribe: &[StompPrincipal], send: &[StompPrincipal]) -> Self {
         Self {
             prefix: prefix.into(),
-            subscribe: vec![Anonymous, User, Employee, Developer],
-            send: vec![Anonymous, User, Employee, Developer],
+            subscribe: subscribe.to_vec(),
+            send: send.to_vec(),
         }
     }
 
-    /// Seed 002's application destinations: typing events name their sender, so only
-    /// principals with a user id may send there.
-    fn app(prefix: &str) -> Self {
+    /// Whether the rule covers `destination`: everything under a prefix that ends in `/`,
+    /// exactly the destination named otherwise.
+    pub fn covers(&self, destination: &str) -> bool {
+        destination.starts_with(&self.prefix)
+            && (self.prefix.ends_with('/') || destination.len() == self.prefix.len())
+    }
+
+    /// The default rules. Anonymous clients read the seeds' public feeds (seed 000's
+    /// `/topic/…`, seed 002's heart-beat and online count) and send nothing; seed 002's
+    /// conversations are read by users and employees only, and their events come from the
+    /// chat backend through `POST /api/publish`; typing events name their sender, so only
+    /// principals with a user id send them; a developer (a tenant's backend) may SEND to
+    /// `/topic/`.
+    fn defaults() -> Vec<Self> {
         use StompPrincipal::*;
-        Self {
-            prefix: prefix.into(),
-            subscribe: Vec::new(),
-            send: vec![User, Employee],
-        }
+        const ALL: &[StompPrincipal] = &[Anonymous, User, Employee, Developer];
+        vec![
+            Self::new("/topic/", ALL, &[Developer]),
+            Self::new("/v1/topic/", &[User, Employee, Developer], &[]),
+            Self::new("/v1/topic/heartbeat", ALL, &[]),
+            Self::new("/v1/topic/online-employees", ALL, &[]),
+            Self::new("/v1/topic/conversation/", &[User, Employee], &[]),
+            Self::new("/v1/app/", &[], &[User, Employee]),
+        ]
     }
 }
 
@@ -182,8 +197,10 @@ pub struct Config {
     /// STOMP: CONNECT without a token is allowed (seed 000: "no authentication is
     /// required"); what an anonymous client may do is up to `stomp_rules`.
     pub stomp_anonymous: bool,
-    /// STOMP: who may SUBSCRIBE and SEND where. Default: both topic prefixes open to all,
-    /// `/v1/app/` open to SENDs from users and employees.
+    /// STOMP: who may SUBSCRIBE and SEND where. Default: anonymous clients subscribe to
+    /// `/topic/…`, `/v1/topic/heartbeat` and `/v1/topic/online-employees` and send nothing;
+    /// conversations are read by users and employees; developers SEND to `/topic/…`; users
+    /// and employees SEND typing events under `/v1/app/`.
     pub stomp_rules: Vec<StompRule>,
     /// STOMP: destinations that are topics (SUBSCRIBE and SEND).
     pub stomp_broker_prefixes: Vec<String>,
@@ -265,11 +282,7 @@ impl Default for Config {
             stomp_max_subscriptions: 64,
             stomp_paths: vec!["/api/v1/chat".into()],
             stomp_anonymous: true,
-            stomp_rules: vec![
-                StompRule::open("/topic/"),
-                StompRule::open("/v1/topic/"),
-                StompRule::app("/v1/app/"),
-            ],
+            stomp_rules: StompRule::defaults(),
             stomp_broker_prefixes: vec!["/topic/".into(), "/v1/topic/".into()],
             stomp_app_prefixes: vec!["/v1/app/".into()],
             stomp_max_pending_bytes: 8 << 20,
@@ -465,10 +478,6 @@ impl Config {
         }
         let prefixes = [
             (
-                "stomp_rules.prefix",
-                self.stomp_rules.iter().map(|r| &r.prefix).collect(),
-            ),
-            (
                 "stomp_broker_prefixes",
                 self.stomp_broker_prefixes.iter().collect(),
             ),
@@ -481,6 +490,16 @@ impl Config {
             return Err(invalid(
                 "max_unauthenticated_connections",
                 "must not be more than max_connections",
+            ));
+        }
+        if let Some(bad) = self
+            .stomp_rules
+            .iter()
+            .find(|r| r.prefix.len() < 2 || !r.prefix.starts_with('/'))
+        {
+            return Err(invalid(
+                "stomp_rules.prefix",
+                format!("{:?}: must start with '/' and name something", bad.prefix),
             ));
         }
         for (key, list) in prefixes {

@@ -81,7 +81,14 @@ async fn stompjs_runs_seed_000_and_002_topic_flows_unchanged() {
     let script = tokio::task::spawn_blocking(stompjs).await.unwrap();
     let srv = TestServer::start().await;
     let url = format!("ws://{}/stomp/websocket", srv.addr);
-    let (ok, text) = output(tokio::process::Command::new("node").arg(&script).arg(&url)).await;
+    let developer = srv.token("/auth/developer").await;
+    let (ok, text) = output(
+        tokio::process::Command::new("node")
+            .arg(&script)
+            .arg(&url)
+            .arg(&developer),
+    )
+    .await;
     assert!(ok, "{text}");
     assert!(text.contains("OK stompjs"), "{text}");
 }
@@ -136,7 +143,8 @@ async fn stomp_py_runs_seed_000_flow_unchanged() {
             .arg(&script)
             .arg("127.0.0.1")
             .arg(srv.addr.port().to_string())
-            .arg("/stomp/websocket"),
+            .arg("/stomp/websocket")
+            .arg(srv.token("/auth/developer").await),
     )
     .await;
     assert!(ok, "{text}");

@@ -72,9 +72,7 @@ async fn a_header_cannot_forge_frames_for_an_older_subscriber() {
     let (mut new, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
     new.subscribe("0", "/topic/forge").await;
 
-    let token = srv.token("/auth/user?id=sender").await;
-    let (mut sender, _) =
-        Stomp::connected(&srv, &format!("accept-version:1.2\npasscode:{token}\n")).await;
+    let mut sender = Stomp::publisher(&srv, "1.2").await;
     sender
         .send_synced(
             "SEND\ndestination:/topic/forge\nx:a\\n\\nMESSAGE\\nforged\\cyes\ny:kept\n\nfirst\0",
@@ -119,9 +117,7 @@ async fn open_transactions_are_bounded_in_bytes() {
     let srv = TestServer::start().await;
     let (mut sub, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
     sub.subscribe("0", "/topic/tx").await;
-    let token = srv.token("/auth/user?id=tx").await;
-    let headers = format!("accept-version:1.2\npasscode:{token}\n");
-    let (mut client, _) = Stomp::connected(&srv, &headers).await;
+    let mut client = Stomp::publisher(&srv, "1.2").await;
 
     let body = "b".repeat(60 << 10);
     client

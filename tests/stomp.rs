@@ -24,7 +24,8 @@ async fn seed_000_flow_bare_connect_subscribe_and_message() {
     sub.subscribe("any_client_id", "/topic/workout/record")
         .await;
 
-    let (mut publisher, _) = Stomp::connected(&srv, "accept-version:1.1\nhost:localhost\n").await;
+    // Seed 000's events come from its backend: here a developer's STOMP client.
+    let mut publisher = Stomp::publisher(&srv, "1.1").await;
     let body = "{\n  \"workout\": {\n    \"id\" : 4711,\n    \"person_id\": 1234\n  }\n}";
     publisher
         .send(&format!(
@@ -75,12 +76,12 @@ async fn versions_heart_beats_and_subprotocols_are_negotiated() {
 async fn receipts_transactions_and_a_clean_disconnect() {
     let srv = TestServer::start().await;
     let (mut sub, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
-    sub.subscribe("s", "/v1/topic/conversation/42").await;
-    let (mut p, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    sub.subscribe("s", "/topic/conversation/42").await;
+    let mut p = Stomp::publisher(&srv, "1.2").await;
     p.send("BEGIN\ntransaction:t1\n\n\0").await;
-    p.send("SEND\ndestination:/v1/topic/conversation/42\ntransaction:t1\n\n{\"n\":1}\0")
+    p.send("SEND\ndestination:/topic/conversation/42\ntransaction:t1\n\n{\"n\":1}\0")
         .await;
-    p.send("SEND\ndestination:/v1/topic/conversation/42\n\n{\"n\":2}\0")
+    p.send("SEND\ndestination:/topic/conversation/42\n\n{\"n\":2}\0")
         .await;
     p.send("COMMIT\ntransaction:t1\nreceipt:c\n\n\0").await;
     assert_eq!(p.frame().await, "RECEIPT\nreceipt-id:c\n\n");
@@ -88,10 +89,10 @@ async fn receipts_transactions_and_a_clean_disconnect() {
     assert!(sub.frame().await.ends_with("{\"n\":2}"));
     assert!(sub.frame().await.ends_with("{\"n\":1}"));
     p.send("BEGIN\ntransaction:t2\n\n\0").await;
-    p.send("SEND\ndestination:/v1/topic/conversation/42\ntransaction:t2\n\n{\"n\":3}\0")
+    p.send("SEND\ndestination:/topic/conversation/42\ntransaction:t2\n\n{\"n\":3}\0")
         .await;
     p.send("ABORT\ntransaction:t2\n\n\0").await;
-    p.send("SEND\ndestination:/v1/topic/conversation/42\n\n{\"n\":4}\0")
+    p.send("SEND\ndestination:/topic/conversation/42\n\n{\"n\":4}\0")
         .await;
     assert!(
         sub.frame().await.ends_with("{\"n\":4}"),
@@ -172,7 +173,7 @@ async fn every_bad_frame_gets_an_error_then_a_close_and_others_carry_on() {
         .unwrap()
         .contains("expected CONNECT"));
 
-    let (mut p, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    let mut p = Stomp::publisher(&srv, "1.2").await;
     p.send("SEND\ndestination:/topic/still-here\n\nok\0").await;
     assert!(bystander.frame().await.ends_with("\n\nok"));
 
@@ -206,7 +207,7 @@ async fn frames_split_across_messages_and_several_in_one() {
     let srv = TestServer::start().await;
     let (mut sub, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
     sub.subscribe("s", "/topic/x").await;
-    let (mut p, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    let mut p = Stomp::publisher(&srv, "1.2").await;
     // One frame in three WebSocket messages (as stompjs splits large frames), then two
     // frames and a heart-beat in one binary message.
     p.send("SEND\ndestination:/to").await;

@@ -61,6 +61,13 @@ async fn client(srv: &TestServer) -> Stomp {
         .0
 }
 
+/// A STOMP 1.2 client without heart-beats that may SEND to `/topic/…` (a developer's).
+async fn publisher(srv: &TestServer) -> Stomp {
+    let token = srv.token("/auth/developer").await;
+    let headers = format!("accept-version:1.2\nheart-beat:0,0\npasscode:{token}\n");
+    Stomp::connected(srv, &headers).await.0
+}
+
 fn n_of(message: &str) -> usize {
     let body = message.split_once("\n\n").unwrap().1;
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
@@ -71,7 +78,7 @@ fn n_of(message: &str) -> usize {
 async fn a_full_subscriber_holds_publishers_back_and_is_not_cut() {
     let srv = server(60_000).await;
     let mut sub = deaf_subscriber(&srv).await;
-    let publisher = publish_burst(client(&srv).await);
+    let publisher = publish_burst(publisher(&srv).await);
     // The subscriber reads nothing for a while; then it reads every message, in order.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for want in 1..=MESSAGES {
@@ -95,7 +102,7 @@ async fn a_subscriber_full_past_the_wait_is_cut_and_the_publisher_goes_on() {
     let mut deaf = deaf_subscriber(&srv).await;
     let mut reader = client(&srv).await;
     reader.subscribe("r", TOPIC).await;
-    let publisher = publish_burst(client(&srv).await);
+    let publisher = publish_burst(publisher(&srv).await);
     // The deaf one reads nothing until well past the wait, then finds what fit, in order,
     // then its ERROR and 4009.
     let deaf = tokio::spawn(async move {

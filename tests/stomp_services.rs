@@ -162,7 +162,22 @@ async fn heartbeat_ticks_and_a_publisher_key_raises_chat_events() {
         }];
     })
     .await;
-    let mut c = chat_client(&srv, None).await;
+    // Anonymous clients read the heart-beat, but not conversations.
+    let mut anonymous = chat_client(&srv, None).await;
+    anonymous.subscribe("beat", "/v1/topic/heartbeat").await;
+    anonymous
+        .send(&format!(
+            "SUBSCRIBE\nid:c\ndestination:{CONVERSATION}\n\n\0"
+        ))
+        .await;
+    let refused = anonymous.frame().await;
+    assert_eq!(
+        header(&refused, "message").as_deref(),
+        Some(format!("forbidden: SUBSCRIBE to {CONVERSATION}").as_str())
+    );
+
+    let customer = srv.token("/auth/user?id=c-1").await;
+    let mut c = chat_client(&srv, Some(&customer)).await;
     c.subscribe("beat", "/v1/topic/heartbeat").await;
     let tick = c.message_body().await;
     let ms: u64 = tick
@@ -174,6 +189,10 @@ async fn heartbeat_ticks_and_a_publisher_key_raises_chat_events() {
     c.send_synced("UNSUBSCRIBE\nid:beat\n\n\0", "off").await;
 
     c.subscribe("conv", CONVERSATION).await;
+    assert_eq!(
+        c.message_body().await,
+        r#"{"userConnected":{"userId":"c-1"}}"#
+    );
     let event = r#"{"message":{"userId":"0be8c544-9518-4bce-8519-0eee0356989f","userName":"c1","userRole":"customer","id":"385444d4-e1aa-4edc-a082-17507c781238","created":"2021-07-26T12:05:22Z","message":"Hello"}}"#;
     let body = format!(r#"{{"destination":"{CONVERSATION}","data":{event}}}"#);
     let (status, answer) = http_with_body(
@@ -216,7 +235,7 @@ async fn subscribe_acked(c: &mut Stomp, id: &str, destination: &str, ack: &str) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_settle_messages_and_a_subscriber_past_its_window_is_closed() {
     let srv = TestServer::start_with(|c| c.stomp_max_unacked = 2).await;
-    let (mut publisher, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    let mut publisher = Stomp::publisher(&srv, "1.2").await;
 
     // 1.2, client-individual: the `ack` header names each message.
     let (mut one, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;

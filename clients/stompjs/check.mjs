@@ -1,10 +1,14 @@
 // Seed 000's and seed 002's flows with @stomp/stompjs (the client most of their users run),
-// unchanged, against a running sensorgate. Usage: node check.mjs ws://127.0.0.1:PORT/stomp/websocket
-// Exits 0 when every expectation holds, 1 (with the reason) otherwise.
+// unchanged, against a running sensorgate.
+// Usage: node check.mjs ws://127.0.0.1:PORT/stomp/websocket DEVELOPER_TOKEN
+// The subscriber is anonymous (seed 000's users); the publisher sends a developer's token as
+// its passcode (by default only developers SEND to /topic/). Exits 0 when every expectation
+// holds, 1 (with the reason) otherwise.
 import { Client } from '@stomp/stompjs';
 import WebSocket from 'ws';
 
 const url = process.argv[2];
+const developerToken = process.argv[3];
 const fail = (why) => { console.error(`FAIL ${why}`); process.exit(1); };
 setTimeout(() => fail('timed out'), 15000);
 
@@ -25,7 +29,11 @@ const connected = (c) => new Promise((resolve) => { c.onConnect = resolve; c.act
 const receipt = (c, id) => new Promise((resolve) => c.watchForReceipt(id, resolve));
 
 const sub = client('subscriber');
-const pub = client('publisher', { splitLargeFrames: true, maxWebSocketChunkSize: 1024 });
+const pub = client('publisher', {
+  splitLargeFrames: true,
+  maxWebSocketChunkSize: 1024,
+  connectHeaders: { passcode: developerToken },
+});
 const frame = await connected(sub);
 if (frame.headers.version !== '1.2') fail(`version ${frame.headers.version}`);
 if (frame.headers['heart-beat'] !== '10000,10000') fail(`heart-beat ${frame.headers['heart-beat']}`);
@@ -38,7 +46,7 @@ const done = new Promise((resolve) => {
   const r1 = receipt(sub, 'r-workout');
   sub.subscribe('/topic/workout/record', on, { id: 'any_client_id', receipt: 'r-workout' });
   const r2 = receipt(sub, 'r-chat');
-  sub.subscribe('/v1/topic/conversation/42', on, { id: 'chat', receipt: 'r-chat' });
+  sub.subscribe('/topic/chat/42', on, { id: 'chat', receipt: 'r-chat' });
   Promise.all([r1, r2]).then(() => {
     pub.publish({
       destination: '/topic/workout/record',
@@ -46,11 +54,11 @@ const done = new Promise((resolve) => {
       headers: { 'content-type': 'application/json;charset=UTF-8' },
     });
     pub.publish({
-      destination: '/v1/topic/conversation/42',
+      destination: '/topic/chat/42',
       body: JSON.stringify({ startTyping: { userId: 'u-1' } }),
     });
     // Larger than one 1 KiB WebSocket chunk: stompjs splits it, the server joins it.
-    pub.publish({ destination: '/v1/topic/conversation/42', body: 'x'.repeat(5000) });
+    pub.publish({ destination: '/topic/chat/42', body: 'x'.repeat(5000) });
   });
 });
 await done;

@@ -1,6 +1,7 @@
 """Seed 000's flow, or (with `chat TOKEN`) seed 002's customer flow, with stomp.py's
 WSStompConnection, which offers no WebSocket subprotocol, against a running sensorgate.
-Usage: python check.py HOST PORT PATH [chat TOKEN]
+Usage: python check.py HOST PORT PATH DEVELOPER_TOKEN, or HOST PORT PATH chat USER_TOKEN
+(seed 000's subscriber is anonymous; its publisher sends a developer's token as passcode).
 Exits 0 when every expectation holds, 1 (with the reason) otherwise."""
 
 import json
@@ -30,10 +31,10 @@ def main() -> int:
         def on_error(self, frame):
             print(f"FAIL ERROR {frame.headers.get('message')}", file=sys.stderr)
 
-    def connection():
+    def connection(passcode=None):
         c = stomp.WSStompConnection([(host, port)], ws_path=path, heartbeats=(0, 0))
         c.set_listener("l", Listener())
-        c.connect(wait=True, headers={"accept-version": "1.1"})
+        c.connect(passcode=passcode, wait=True, headers={"accept-version": "1.1"})
         return c
 
     sub = connection()
@@ -41,7 +42,7 @@ def main() -> int:
     if not receipted.wait(10) or receipts != ["sub-1"]:
         print(f"FAIL no receipt for SUBSCRIBE: {receipts}", file=sys.stderr)
         return 1
-    pub = connection()
+    pub = connection(passcode=sys.argv[4])
     pub.send(
         "/topic/workout/record",
         '{"workout": {"id": 4711}}',

@@ -113,7 +113,9 @@ pub enum Scenario {
     /// memory per connection.
     Connections(ConnectionsArgs),
     /// STOMP topic fan-out: publishers SEND to topics, subscribers get MESSAGEs; throughput,
-    /// SEND→MESSAGE latency, loss and order checks. Needs no credentials.
+    /// SEND→MESSAGE latency, loss and order checks. Publishers send a developer's token
+    /// when credentials are given (sensorgate lets only developers SEND to `/topic/…` by
+    /// default) and connect anonymously otherwise (RabbitMQ).
     Stomp(StompArgs),
     /// Serve a null relay (no store, no checks) to measure the relay scenario's baseline
     /// with the same client: run it, then point `relay --url` at it.

@@ -24,6 +24,16 @@ pub struct Sources<'a> {
     pub data_dir: Option<&'a Path>,
 }
 
+impl Sources<'_> {
+    /// Whether any credential source was given.
+    pub fn any(&self) -> bool {
+        !self.devs.is_empty()
+            || self.dev_id.is_some()
+            || self.config.is_some()
+            || self.data_dir.is_some()
+    }
+}
+
 /// All developers named by the sources, first occurrence of an id winning.
 pub fn collect(src: &Sources<'_>) -> Result<Vec<Developer>> {
     let mut out: Vec<Developer> = Vec::new();

@@ -96,18 +96,19 @@ fn run(cli: Cli) -> Result<bool> {
         return emit(disk_floor::run(args)?, common.json);
     }
     let target = Target::parse(&common.url, common.allow_remote)?;
-    // STOMP topics are open to anonymous clients: no credentials needed, unless messages
-    // go through the HTTP publish API.
-    let developers = if matches!(&cli.scenario, Scenario::Stomp(a) if a.via == Via::Stomp) {
-        Vec::new()
-    } else {
-        creds::collect(&creds::Sources {
-            devs: &common.devs,
-            dev_id: common.dev_id.as_deref(),
-            api_key: common.api_key.as_deref(),
-            config: common.config.as_deref(),
-            data_dir: common.data_dir.as_deref(),
-        })?
+    let sources = creds::Sources {
+        devs: &common.devs,
+        dev_id: common.dev_id.as_deref(),
+        api_key: common.api_key.as_deref(),
+        config: common.config.as_deref(),
+        data_dir: common.data_dir.as_deref(),
+    };
+    // STOMP subscribers need no credentials; STOMP publishers send a developer's token
+    // when one is given (sensorgate's default rules let only developers SEND to
+    // `/topic/…`) and connect anonymously otherwise (RabbitMQ, permissive rules).
+    let developers = match &cli.scenario {
+        Scenario::Stomp(a) if a.via == Via::Stomp && !sources.any() => Vec::new(),
+        _ => creds::collect(&sources)?,
     };
 
     let runtime = runtime(common.threads)?;

@@ -861,7 +861,7 @@ impl State {
         let rule = limits
             .stomp_rules
             .iter()
-            .filter(|r| destination.starts_with(&r.prefix))
+            .filter(|r| r.covers(destination))
             .max_by_key(|r| r.prefix.len());
         let allowed = rule.is_some_and(|r| match op {
             Op::Subscribe => r.subscribe.contains(&self.principal),

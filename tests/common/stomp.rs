@@ -67,6 +67,22 @@ impl Stomp {
         (c, f)
     }
 
+    /// Connected with a developer token in the passcode: by the default rules, who may
+    /// SEND to `/topic/…` (anonymous clients may only subscribe there).
+    pub async fn publisher(srv: &TestServer, version: &str) -> Self {
+        let token = srv.token("/auth/developer").await;
+        let headers = format!("accept-version:{version}\npasscode:{token}\n");
+        Self::connected(srv, &headers).await.0
+    }
+
+    /// Connected with a user token for `user` (seed 002's customers; conversations are read
+    /// by users and employees only).
+    pub async fn user(srv: &TestServer, user: &str, version: &str) -> Self {
+        let token = srv.token(&format!("/auth/user?id={user}")).await;
+        let headers = format!("accept-version:{version}\npasscode:{token}\n");
+        Self::connected(srv, &headers).await.0
+    }
+
     pub async fn send(&mut self, raw: &str) {
         self.ws.send(Message::text(raw)).await.expect("send");
     }

@@ -116,10 +116,18 @@ impl Outcome for Report {
     }
 }
 
-/// CONNECT, then wait for CONNECTED.
-async fn stomp_connect(read: &mut WsRead, write: &mut WsWrite) -> Result<()> {
+/// CONNECT (with `passcode` when given), then wait for CONNECTED.
+async fn stomp_connect(
+    read: &mut WsRead,
+    write: &mut WsWrite,
+    passcode: Option<&str>,
+) -> Result<()> {
     // `host:/`: RabbitMQ reads the host header as its vhost; sensorgate ignores it.
-    let mut connect = b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n\n\0".to_vec();
+    let mut connect = b"CONNECT\naccept-version:1.2\nhost:/\nheart-beat:0,0\n".to_vec();
+    if let Some(token) = passcode {
+        connect.extend_from_slice(format!("passcode:{token}\n").as_bytes());
+    }
+    connect.extend_from_slice(b"\n\0");
     ws::send_now(write, &mut connect).await?;
     let got = first_message(read).await;
     if !got.starts_with(b"CONNECTED") {
@@ -164,7 +172,7 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
     for i in 0..subscribers {
         let topic = i % a.topics;
         let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
-        stomp_connect(&mut read, &mut write).await?;
+        stomp_connect(&mut read, &mut write, None).await?;
         let mut sub =
             format!("SUBSCRIBE\nid:s{i}\ndestination:/topic/load-{topic}\nreceipt:r{i}\n\n\0")
                 .into_bytes();
@@ -216,8 +224,16 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
     for p in 0..a.publishers {
         let mut publisher = match a.via {
             Via::Stomp => {
+                let token = match ctx.developers.first() {
+                    Some(dev) => Some(
+                        HttpClient::new(ctx.target.clone())
+                            .developer_token(dev)
+                            .await?,
+                    ),
+                    None => None,
+                };
                 let (mut read, mut write) = ws::open_raw(&ctx.target, &a.path, BUFFERS).await?;
-                stomp_connect(&mut read, &mut write).await?;
+                stomp_connect(&mut read, &mut write, token.as_deref()).await?;
                 Publisher::Stomp { _read: read, write }
             }
             Via::Http => Publisher::Http {
