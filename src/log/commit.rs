@@ -174,7 +174,13 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
             }
         }
         waiters.extend(rx.try_iter());
+        let was_writable = flush.writable.load(Ordering::Acquire);
         let written = flush.write();
+        if written.is_err() {
+            // Before anyone hears of it: a producer closed for this failure must find the
+            // store unwritable (and /readyz 503) already.
+            flush.writable.store(false, Ordering::Release);
+        }
         // The readings are durable once synced: their owners hear it before the index is
         // updated, so sled's time is never on the way from a SUBMIT to its DISPATCH.
         for w in waiters.drain(..) {
@@ -185,7 +191,7 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
             let _ = w.send(answer);
         }
         let result = written.and_then(|()| flush.settle());
-        let was_writable = flush.writable.swap(result.is_ok(), Ordering::AcqRel);
+        flush.writable.store(result.is_ok(), Ordering::Release);
         match &result {
             Err(e) => {
                 crate::metrics::handles().store_errors.increment(1);
