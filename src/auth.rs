@@ -77,6 +77,10 @@ pub enum AuthError {
     Redeemed,
     #[error("developer no longer configured")]
     UnknownDeveloper,
+    /// The redemption could not be written down: honouring the token anyway would let it
+    /// be used again after a restart, so it is refused (it stays valid for a retry).
+    #[error("the token's redemption could not be recorded: {0:?}")]
+    Journal(std::io::ErrorKind),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -282,7 +286,9 @@ impl Auth {
             dashmap::Entry::Occupied(_) => return Err(AuthError::Redeemed),
             dashmap::Entry::Vacant(v) => {
                 if let Some(journal) = &self.journal {
-                    journal.record(v.key(), claims.exp);
+                    journal
+                        .record(v.key(), claims.exp)
+                        .map_err(|e| AuthError::Journal(e.kind()))?;
                 }
                 v.insert(claims.exp);
             }
@@ -380,7 +386,8 @@ impl RedeemJournal {
         Ok(ids)
     }
 
-    fn record(&self, jti: &str, exp: u64) {
+    /// Writes one redemption down; an error means the token must not be honoured.
+    fn record(&self, jti: &str, exp: u64) -> std::io::Result<()> {
         let window = exp / self.window_s;
         let mut current = self.current.lock();
         let result = (|| {
@@ -394,9 +401,12 @@ impl RedeemJournal {
             let (_, file) = current.as_mut().expect("opened above");
             file.write_all(format!("{exp} {jti}\n").as_bytes())
         })();
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "could not journal a redeemed token id; it is remembered until restart only");
+        if let Err(e) = &result {
+            // The file may be gone or broken: open it again next time.
+            *current = None;
+            tracing::error!(error = %e, "could not journal a redeemed token id; refusing the token");
         }
+        result
     }
 
     fn drop_expired(&self, now: u64) {
@@ -648,6 +658,28 @@ mod tests {
         assert_eq!(a.redeem(&t, Role::User), Err(AuthError::Redeemed));
         let d = a.mint("acme", Role::Developer, None).unwrap();
         assert_eq!(&*a.redeem(&d, Role::Developer).unwrap().developer, "acme");
+    }
+
+    /// A redemption that cannot be written down is refused (else the token would work
+    /// again after a restart), and the token stays good for a retry once it can be.
+    #[test]
+    fn a_redemption_that_cannot_be_journaled_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join(REDEEMED_DIR);
+        let a = auth(60).with_journal(&journal).unwrap();
+        let t = a.mint("acme", Role::User, Some("u-1")).unwrap();
+        // A file where the journal's directory was: no window file can be opened (root
+        // included, unlike a permission).
+        std::fs::remove_dir_all(&journal).unwrap();
+        std::fs::write(&journal, b"").unwrap();
+        assert!(matches!(
+            a.redeem(&t, Role::User),
+            Err(AuthError::Journal(_))
+        ));
+        std::fs::remove_file(&journal).unwrap();
+        std::fs::create_dir(&journal).unwrap();
+        assert!(a.redeem(&t, Role::User).is_ok());
+        assert_eq!(a.redeem(&t, Role::User), Err(AuthError::Redeemed));
     }
 
     #[test]

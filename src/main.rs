@@ -126,27 +126,39 @@ fn serve(config: Config) -> anyhow::Result<()> {
     })
 }
 
+/// Tells how to use the demo developer. The key itself is printed only when it was just
+/// created: logs are kept and shipped, and a secret belongs in its file (mode 0600).
 fn print_demo(
     config: &Config,
     demo: &sensorgate::config::DeveloperConfig,
     addr: std::net::SocketAddr,
     created: bool,
 ) {
-    let key = demo.api_key.as_deref().unwrap_or("");
     let file = auth::demo_path(&config.data_dir);
+    let key = if created {
+        demo.api_key.clone().unwrap_or_default()
+    } else {
+        "$KEY".to_owned()
+    };
+    if created {
+        println!(
+            "No developers configured: created the demo developer.\n  dev-id:  {}\n  api-key: {key}   (kept in {}; printed this once)",
+            demo.id,
+            file.display(),
+        );
+    } else {
+        println!(
+            "No developers configured: serving the demo developer {} (its api-key is in {}).\n  KEY=$(sed -n 's/^api_key = \"\\(.*\\)\"$/\\1/p' {})",
+            demo.id,
+            file.display(),
+            file.display(),
+        );
+    }
     println!(
-        "No developers configured: serving the demo developer ({}).\n  dev-id:  {}\n  api-key: {}   (kept in {})\n\
-         Consumer token:  curl -s -X POST -H 'dev-id: {}' -H 'x-api-key: {}' http://{addr}/auth/developer\n\
-         Producer token:  curl -s -X POST -H 'dev-id: {}' -H 'x-api-key: {}' 'http://{addr}/auth/user?id=user-1'\n\
+        "  Consumer token:  curl -s -X POST -H 'dev-id: {}' -H \"x-api-key: {key}\" http://{addr}/auth/developer\n  \
+         Producer token:  curl -s -X POST -H 'dev-id: {}' -H \"x-api-key: {key}\" 'http://{addr}/auth/user?id=user-1'\n  \
          Then open ws://{addr}/connect and IDENTIFY (see README.md).",
-        if created { "created now" } else { "from an earlier run" },
-        demo.id,
-        key,
-        file.display(),
-        demo.id,
-        key,
-        demo.id,
-        key,
+        demo.id, demo.id,
     );
 }
 

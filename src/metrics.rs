@@ -16,6 +16,23 @@ pub const CONNECTIONS_OPENED: &str = "sensorgate_connections_opened_total";
 pub const UNAUTHENTICATED: &str = "sensorgate_unauthenticated_connections";
 /// Connections accepted past a budget and answered 503 (health checks excepted), by budget.
 pub const CONNECTIONS_SHED: &str = "sensorgate_connections_shed_total";
+/// Credentials or tokens refused, by where they were presented.
+pub const AUTH_FAILURES: &str = "sensorgate_auth_failures_total";
+
+/// Where credentials are presented, the `where` label of [`AUTH_FAILURES`].
+#[derive(Clone, Copy)]
+pub enum AuthPlace {
+    /// `POST /auth/developer`, `/auth/user`: a developer's key.
+    Mint,
+    /// `POST /api/publish`: a publisher's or developer's key.
+    Publish,
+    /// IDENTIFY on `/connect`.
+    Identify,
+    /// STOMP CONNECT.
+    Stomp,
+    /// A `/stream` token, or one in a JSON API call.
+    Endpoint,
+}
 pub const FRAMES_IN: &str = "sensorgate_frames_in_total";
 pub const FRAMES_OUT: &str = "sensorgate_frames_out_total";
 pub const CLOSES: &str = "sensorgate_close_codes_total";
@@ -185,6 +202,8 @@ pub struct Handles {
     pub unauthenticated: Gauge,
     /// By budget: `unauthenticated`, `total`.
     pub connections_shed: [Counter; 2],
+    /// By [`AuthPlace`].
+    pub auth_failures: [Counter; 5],
     pub dispatch_latency: Histogram,
     pub commit_readings: Histogram,
     pub fsync_seconds: Histogram,
@@ -265,6 +284,8 @@ pub fn handles() -> &'static Handles {
             unauthenticated: metrics::gauge!(UNAUTHENTICATED),
             connections_shed: ["unauthenticated", "total"]
                 .map(|b| metrics::counter!(CONNECTIONS_SHED, "budget" => b)),
+            auth_failures: ["mint", "publish", "identify", "stomp", "endpoint"]
+                .map(|w| metrics::counter!(AUTH_FAILURES, "where" => w)),
             dispatch_latency: metrics::histogram!(DISPATCH_LATENCY),
             commit_readings: metrics::histogram!(COMMIT_READINGS),
             fsync_seconds: metrics::histogram!(FSYNC_SECONDS),
@@ -310,6 +331,10 @@ fn describe() {
     describe_gauge!(
         UNAUTHENTICATED,
         "TCP connections that have not authenticated (max_unauthenticated_connections)"
+    );
+    describe_counter!(
+        AUTH_FAILURES,
+        "Credentials or tokens refused, by where they were presented"
     );
     describe_counter!(
         CONNECTIONS_SHED,
@@ -377,6 +402,12 @@ fn describe() {
 impl Handles {
     pub fn frame_in(&self, op: usize) {
         self.frames_in[op].increment(1);
+    }
+
+    /// A refused key or token: counted, and logged at debug only (strangers can make many).
+    pub fn auth_failed(&self, place: AuthPlace, why: &dyn std::fmt::Display) {
+        self.auth_failures[place as usize].increment(1);
+        tracing::debug!(error = %why, "credentials refused");
     }
 
     pub fn close(&self, code: u16) {

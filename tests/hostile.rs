@@ -303,3 +303,47 @@ async fn a_body_that_never_ends_is_cut_off() {
     }
     assert_eq!(http(srv.addr, "GET", "/healthz", &[]).await.0, 200);
 }
+
+/// Guessing tokens costs: a `/stream` socket is closed with 4001 after three invalid
+/// tokens, and every refused key or token is counted in `sensorgate_auth_failures_total`
+/// (and logged at debug only, so a stranger cannot flood the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_counted_and_token_guessing_is_cut_short() {
+    let srv = TestServer::start().await;
+    let count = |scrape: &str, place: &str| {
+        metric(
+            scrape,
+            &format!("sensorgate_auth_failures_total{{where=\"{place}\"}}"),
+        )
+    };
+    let before = srv.metrics().await;
+
+    let mut e = common::endpoint::Endpoint::open(&srv, "/stream").await;
+    for guess in ["a", "b", "c"] {
+        e.send(&serde_json::json!({ "token": guess }).to_string())
+            .await;
+        let reply = e.recv().await;
+        assert!(reply.contains("Invalid token"), "{reply}");
+    }
+    match e.closed().await {
+        Closed::Code(code, _) => assert_eq!(code, 4001),
+        Closed::Abrupt => panic!("no close frame"),
+    }
+    let (status, _) = http(
+        srv.addr,
+        "POST",
+        "/auth/developer",
+        &[("dev-id", DEV), ("x-api-key", "wrong")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let mut c = Client::connect(srv.addr).await;
+    c.send(r#"{"op":3,"d":{"token":"forged","type":0}}"#).await;
+    assert_eq!(c.close_code().await, 4001);
+
+    let after = srv.metrics().await;
+    assert!(count(&after, "endpoint") >= count(&before, "endpoint") + 3.0);
+    assert!(count(&after, "mint") > count(&before, "mint"));
+    assert!(count(&after, "identify") > count(&before, "identify"));
+    srv.producer("still-served").await.ping().await;
+}

@@ -259,3 +259,47 @@ async fn offline_tokens_work_against_the_server() {
     c.ping().await;
     server.signal("TERM");
 }
+
+/// The demo developer's key is printed when it is created and never again: stdout ends up
+/// in logs, and the key is kept in its file (mode 0600).
+#[test]
+fn the_demo_key_is_printed_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let first_lines = |dir: &std::path::Path| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args([
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .env("SENSORGATE_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut text = String::new();
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let line = line.unwrap();
+            text.push_str(&line);
+            text.push('\n');
+            if line.contains("Then open") {
+                break;
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        text
+    };
+    let created = first_lines(dir.path());
+    let file = std::fs::read_to_string(dir.path().join("demo-developer.toml")).unwrap();
+    let key = file
+        .split("api_key = \"")
+        .nth(1)
+        .and_then(|k| k.split('"').next())
+        .unwrap();
+    assert!(created.contains(key), "{created}");
+    let again = first_lines(dir.path());
+    assert!(!again.contains(key), "{again}");
+    assert!(again.contains("demo-developer.toml"), "{again}");
+}

@@ -27,10 +27,13 @@ use crate::frontend::endpoint::frame::{push_parts, FrameError, Inbound, Outbound
 use crate::frontend::CloseCode;
 use crate::hub::endpoints::{Family, PushKey};
 use crate::hub::{Hub, Inbox, Kick, TopicDelivery};
-use crate::metrics;
+use crate::metrics::{self, AuthPlace};
 
 /// Rounds of socket work per wake-up before the task lets others run.
 const BUDGET: usize = 4;
+/// Invalid tokens one socket may send before it is closed with 4001: guessing costs a new
+/// connection (and a place among the unauthenticated) every few tries.
+const MAX_REFUSED_TOKENS: u8 = 3;
 
 struct State {
     ctx: Arc<ConnCtx>,
@@ -47,6 +50,8 @@ struct State {
     deliveries: mpsc::UnboundedReceiver<TopicDelivery>,
     /// Given back once a token is accepted.
     unauthenticated: Option<Unauthenticated>,
+    /// Tokens refused on this socket; at [`MAX_REFUSED_TOKENS`] it is closed.
+    refused: u8,
 }
 
 pub(super) async fn run(ctx: Arc<ConnCtx>, socket: Upgraded) {
@@ -57,6 +62,7 @@ pub(super) async fn run(ctx: Arc<ConnCtx>, socket: Upgraded) {
     let mut io = WsSocket::new(socket.stream, &socket.leftover, &ctx.limits, id);
     let mut st = State {
         unauthenticated: socket.unauthenticated,
+        refused: 0,
         id,
         kick,
         deadline: Box::pin(sleep_until(Deadline::now() + ctx.limits.identify_timeout)),
@@ -142,16 +148,17 @@ impl State {
         }
     }
 
-    fn identify(&mut self, token: &str, out: &mut Out) {
+    fn identify(&mut self, token: &str, out: &mut Out) -> Result<(), End> {
         let m = metrics::handles();
         if let Some((id, _)) = &self.endpoint {
             let message = format!("This socket is endpoint {id} already");
-            return reply(
+            reply(
                 out,
                 Outbound::Error {
                     message: message.into(),
                 },
             );
+            return Ok(());
         }
         match self.ctx.auth.endpoint_owner(token) {
             Ok(owner) => {
@@ -168,7 +175,7 @@ impl State {
                 reply(out, Outbound::Endpoint { id });
             }
             Err(e) => {
-                tracing::debug!(conn = self.id, error = %e, "endpoint token refused");
+                m.auth_failed(AuthPlace::Endpoint, &e);
                 m.endpoint_handshakes[1].increment(1);
                 reply(
                     out,
@@ -176,8 +183,13 @@ impl State {
                         message: "Invalid token".into(),
                     },
                 );
+                self.refused += 1;
+                if self.refused >= MAX_REFUSED_TOKENS {
+                    return Err(CloseCode::BadToken.into());
+                }
             }
         }
+        Ok(())
     }
 }
 
@@ -188,7 +200,7 @@ impl Handler for State {
         self.alive();
         match Inbound::parse(data) {
             Ok(Inbound::Heartbeat) => {}
-            Ok(Inbound::Token(token)) => self.identify(&token, out),
+            Ok(Inbound::Token(token)) => self.identify(&token, out)?,
             Ok(Inbound::Call(envelope)) => {
                 let owner = self.endpoint.as_ref().map(|(_, owner)| owner);
                 out.reply(OpCode::Text, &execute(&self.ctx, &envelope, owner));
@@ -220,10 +232,10 @@ fn reply(out: &mut Out, message: Outbound) {
 /// calls; over the socket, a call without one acts as the socket's endpoint owner.
 pub fn execute(ctx: &ConnCtx, envelope: &Envelope, socket_owner: Option<&Arc<str>>) -> Vec<u8> {
     let owner = match (&envelope.token, socket_owner) {
-        (Some(token), _) => ctx
-            .auth
-            .endpoint_owner(token)
-            .map_err(|_| "Invalid token".to_owned()),
+        (Some(token), _) => ctx.auth.endpoint_owner(token).map_err(|e| {
+            metrics::handles().auth_failed(AuthPlace::Endpoint, &e);
+            "Invalid token".to_owned()
+        }),
         (None, Some(owner)) => Ok(owner.clone()),
         (None, None) => Err("Authentication required: send a token".to_owned()),
     };

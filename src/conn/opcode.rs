@@ -19,11 +19,11 @@ use super::delivery::{Delivery, Dispatch, Sent};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::CLOSE_TIMEOUT;
 use super::{kicked, ConnCtx, Unauthenticated, Upgraded};
-use crate::auth::{Principal, Role};
+use crate::auth::{AuthError, Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
 use crate::hub::{HubError, Kick, Publish, StreamHandle, TryPublishError};
-use crate::metrics::{self, op_in, op_out, ConnRole};
+use crate::metrics::{self, op_in, op_out, AuthPlace, ConnRole};
 
 /// Rounds of socket work per wake-up before the task lets others run: a flooding producer
 /// must not starve the consumers on the same worker.
@@ -228,7 +228,11 @@ impl State {
                 m.frame_in(op_in::IDENTIFY);
                 let token = token.ok_or(CloseCode::BadToken)?;
                 let principal = self.ctx.auth.redeem(&token, role).map_err(|e| {
-                    tracing::info!(conn = self.id, error = %e, "IDENTIFY refused");
+                    if let AuthError::Journal(_) = e {
+                        tracing::error!(conn = self.id, error = %e, "IDENTIFY failed");
+                        return CloseCode::Internal;
+                    }
+                    m.auth_failed(AuthPlace::Identify, &e);
                     CloseCode::BadToken
                 })?;
                 Ok(Some(Wait::Identify(principal)))

@@ -23,7 +23,7 @@ use tokio::time::{sleep_until, Instant as Deadline, Sleep};
 use super::delivery::{Delivery, Encode};
 use super::socket::{End, Handler, Out, WsSocket, WRITE_HIGH};
 use super::{ConnCtx, Unauthenticated, Upgraded, CLOSE_TIMEOUT};
-use crate::auth::{Principal, Role};
+use crate::auth::{AuthError, Principal, Role};
 use crate::config::StompPrincipal;
 use crate::frontend::stomp::codec::{decode, Command, Decoded, Limits, Version};
 use crate::frontend::stomp::destination::{self, DestinationError};
@@ -36,7 +36,7 @@ use crate::hub::chat::AppEvent;
 use crate::hub::{
     Held, Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage, JSON_UTF8,
 };
-use crate::metrics::{self, stomp_out, StompError};
+use crate::metrics::{self, stomp_out, AuthPlace, StompError};
 
 const MAX_TRANSACTIONS: usize = 16;
 /// SENDs and ACKs one transaction may hold until COMMIT.
@@ -1045,8 +1045,14 @@ impl State {
                     self.unauthenticated = None;
                     self.identified(p)
                 }
+                Err(e @ AuthError::Journal(_)) => {
+                    tracing::error!(conn = self.id, error = %e, "STOMP CONNECT failed");
+                    let message = "the server could not record the token; try again";
+                    self.error(out, StompError::Auth, message, None);
+                    return Err(CloseCode::Internal.into());
+                }
                 Err(e) => {
-                    tracing::info!(conn = self.id, error = %e, "STOMP CONNECT refused");
+                    metrics::handles().auth_failed(AuthPlace::Stomp, &e);
                     self.error(out, StompError::Auth, "invalid token", None);
                     return Err(CloseCode::Protocol.into());
                 }

@@ -190,8 +190,13 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
             };
             let _ = w.send(answer);
         }
+        // A commit with nothing to write proves nothing about the disk: only a write (or a
+        // probe) makes a store that failed writable again.
+        let wrote = flush.written_at.is_some();
         let result = written.and_then(|()| flush.settle());
-        flush.writable.store(result.is_ok(), Ordering::Release);
+        if result.is_err() || wrote {
+            flush.writable.store(result.is_ok(), Ordering::Release);
+        }
         match &result {
             Err(e) => {
                 crate::metrics::handles().store_errors.increment(1);
@@ -199,7 +204,7 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
                     tracing::error!(error = %e, "group commit failed; /readyz is 503 until the disk takes writes again");
                 }
             }
-            Ok(()) if !was_writable => tracing::info!("the store writes again"),
+            Ok(()) if !was_writable && wrote => tracing::info!("the store writes again"),
             Ok(()) => {}
         }
     }

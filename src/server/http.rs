@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 
 use super::{App, Slot};
 use crate::auth::{AuthError, Role};
+use crate::metrics::AuthPlace;
 
 pub(super) type Body = Full<Bytes>;
 
@@ -205,8 +206,8 @@ fn mint(req: &Request<Incoming>, app: &App, role: Role) -> Response<Body> {
         Role::Developer => None,
     };
     let auth = &app.ctx.auth;
-    if auth.check_key(&developer, &key).is_err() {
-        tracing::info!(developer = %developer, "token refused: bad credentials");
+    if let Err(e) = auth.check_key(&developer, &key) {
+        crate::metrics::handles().auth_failed(AuthPlace::Mint, &e);
         return error(StatusCode::FORBIDDEN, "unknown developer or wrong api key");
     }
     let minted = match (&user, employee) {

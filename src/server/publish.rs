@@ -64,9 +64,9 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let allowed = match (bearer, credentials(&req)) {
-        (Some(key), _) => auth.check_publisher(key.trim()).is_ok(),
-        (None, Some((developer, key))) => auth.check_key(&developer, &key).is_ok(),
+    let checked = match (bearer, credentials(&req)) {
+        (Some(key), _) => auth.check_publisher(key.trim()).map(|_| ()),
+        (None, Some((developer, key))) => auth.check_key(&developer, &key),
         (None, None) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -75,7 +75,8 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
             );
         }
     };
-    if !allowed {
+    if let Err(e) = checked {
+        crate::metrics::handles().auth_failed(crate::metrics::AuthPlace::Publish, &e);
         return error(
             StatusCode::FORBIDDEN,
             "unknown publisher or developer, or wrong key",
