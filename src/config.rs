@@ -1,5 +1,6 @@
 //! Configuration: the schema, its defaults, validation, and the three layers that feed it
-//! (TOML file < `SENSORGATE_*` environment < command-line flags).
+//! (TOML file < `SENSORGATE_*` environment < command-line flags). The file and environment
+//! are layered by config-rs, which converts each value to the type the schema gives its key.
 //!
 //! Owns every tunable number of the server. Knows nothing of sockets or the store; other
 //! modules receive a validated [`Config`] and never re-read the environment.
@@ -313,98 +314,138 @@ pub struct Overrides {
     pub log_json: Option<bool>,
 }
 
-/// The scalar keys that the environment may set, as (key, env var).
-const ENV_KEYS: &[&str] = &[
-    "listen",
-    "data_dir",
-    "heartbeat_interval_ms",
-    "heartbeat_grace_ms",
-    "identify_timeout_ms",
-    "max_frame_bytes",
-    "durability",
-    "token_ttl_s",
-    "max_consumers_per_developer",
-    "consumer_queue_max",
-    "consumer_stall_timeout_ms",
-    "retention_max_age_s",
-    "retention_max_per_stream",
-    "max_connections",
-    "max_unauthenticated_connections",
-    "handshake_timeout_ms",
-    "shutdown_grace_ms",
-    "drain_delay_ms",
-    "fast_flush_interval_ms",
-    "commit_batch_max",
-    "publish_queue_max",
-    "replay_chunk",
-    "submit_rate_per_s",
-    "token_secret",
-    "log_json",
-    "stomp_heart_beat_ms",
-    "stomp_max_headers",
-    "stomp_max_header_line",
-    "stomp_max_subscriptions",
-    "stomp_anonymous",
-    "stomp_max_pending_bytes",
-    "stomp_max_unacked",
-    "stomp_publish_wait_ms",
-    "stomp_idle_timeout_ms",
-    "stomp_services",
-    "stomp_heartbeat_topic_s",
-    "endpoint_context_path",
-    "endpoint_progress_interval_ms",
-    "endpoint_max_topics",
-    "endpoint_topic_ttl_s",
-    "endpoint_max_registrations",
-    "endpoint_idle_timeout_ms",
-];
+/// Environment variables with the `SENSORGATE_` prefix that are not configuration keys.
+const ENV_NOT_KEYS: [&str; 2] = ["SENSORGATE_CONFIG", "SENSORGATE_LOG"];
+
+/// The environment variable that sets `key`.
+fn env_var(key: &str) -> String {
+    format!("SENSORGATE_{}", key.to_ascii_uppercase())
+}
+
+/// Every key of the schema, with whether it holds a list: the default configuration
+/// serialized (the optional secret set so that it appears).
+fn schema() -> Vec<(String, bool)> {
+    let all = Config {
+        token_secret: Some(String::new()),
+        ..Config::default()
+    };
+    let table: toml::Table = toml::from_str(&toml::to_string(&all).expect("the schema serializes"))
+        .expect("the schema parses back");
+    table
+        .into_iter()
+        .map(|(k, v)| (k, matches!(v, toml::Value::Array(_))))
+        .collect()
+}
 
 impl Config {
     /// Builds the effective configuration: defaults, then `file`, then the process
-    /// environment, then `flags`; validated.
+    /// environment, then `flags`; validated. A `SENSORGATE_*` variable that names no key
+    /// is an error, not silently ignored.
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Self, ConfigError> {
+        let keys: Vec<String> = schema().into_iter().map(|(k, _)| env_var(&k)).collect();
+        if let Some((var, _)) = std::env::vars().find(|(var, _)| {
+            var.starts_with("SENSORGATE_")
+                && !keys.contains(var)
+                && !ENV_NOT_KEYS.contains(&var.as_str())
+        }) {
+            return Err(ConfigError::Env {
+                var,
+                message: "no such setting (see deploy/sensorgate.toml for every key)".into(),
+            });
+        }
         Self::load_with_env(file, flags, |k| std::env::var(k).ok())
     }
 
     /// As [`Config::load`] with the environment supplied, so tests need not mutate the
     /// process's own.
+    ///
+    /// The layering is config-rs's: every value is converted to the type the schema gives
+    /// its key, whichever layer it comes from. From the environment, a list is written
+    /// comma-separated (`a,b`) or as a TOML array (`["a","b"]`, and so lists of tables such
+    /// as `[{id="d", api_key="k"}]`). Each variable is checked on its own first, so an error
+    /// names the variable, never the file.
     pub fn load_with_env(
         file: Option<&Path>,
         flags: &Overrides,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: one_line(&e.to_string()),
-                    })?
-            }
-            None => toml::Table::new(),
-        };
-        for key in ENV_KEYS {
-            let var = format!("SENSORGATE_{}", key.to_ascii_uppercase());
-            if let Some(raw) = env(&var) {
-                table.insert((*key).to_owned(), env_value(key, &raw));
+        use config::{Environment, File, FileFormat};
+        let mut scalars = config::Map::new();
+        let mut arrays: Vec<(String, String)> = Vec::new();
+        for (key, list) in schema() {
+            let Some(raw) = env(&env_var(&key)) else {
+                continue;
+            };
+            if !list {
+                scalars.insert(key, raw);
+            } else if raw.trim_start().starts_with('[') {
+                arrays.push((key, raw));
+            } else {
+                let items = raw
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_owned()))
+                    .collect();
+                arrays.push((key, toml::Value::Array(items).to_string()));
             }
         }
+        // No `try_parsing`: it would turn a secret of digits into a float. Values stay
+        // strings here and config-rs converts each to its field's type.
+        let environment = |only: Option<&str>| {
+            let source = scalars
+                .iter()
+                .filter(|(k, _)| only.is_none_or(|o| o == k.as_str()))
+                .map(|(k, v)| (env_var(k), v.clone()))
+                .collect();
+            Environment::with_prefix("SENSORGATE")
+                .prefix_separator("_")
+                .source(Some(source))
+        };
+        let array =
+            |key: &str, raw: &str| File::from_str(&format!("{key} = {raw}"), FileFormat::Toml);
+        // Each variable alone over the defaults: a bad one is named.
+        for key in scalars.keys() {
+            config::Config::builder()
+                .add_source(environment(Some(key)))
+                .build()
+                .and_then(|c| c.try_deserialize::<Config>())
+                .map_err(|e| ConfigError::Env {
+                    var: env_var(key),
+                    message: one_line(&e.to_string()),
+                })?;
+        }
+        for (key, raw) in &arrays {
+            config::Config::builder()
+                .add_source(array(key, raw))
+                .build()
+                .and_then(|c| c.try_deserialize::<Config>())
+                .map_err(|e| ConfigError::Env {
+                    var: env_var(key),
+                    message: one_line(&e.to_string()),
+                })?;
+        }
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if let Err(source) = std::fs::metadata(path) {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(environment(None));
+        for (key, raw) in &arrays {
+            builder = builder.add_source(array(key, raw));
+        }
         let mut config: Config =
-            toml::Value::Table(table)
-                .try_into()
-                .map_err(|e: toml::de::Error| match file {
-                    Some(path) => ConfigError::Parse {
-                        path: path.to_owned(),
-                        message: one_line(&e.to_string()),
-                    },
-                    None => ConfigError::Env {
-                        var: "SENSORGATE_*".into(),
-                        message: one_line(&e.to_string()),
-                    },
+            builder
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .map_err(|e| ConfigError::Parse {
+                    path: file.map_or_else(|| PathBuf::from("(none)"), Path::to_owned),
+                    message: one_line(&e.to_string()),
                 })?;
         if let Some(v) = flags.listen {
             config.listen = v;
@@ -659,30 +700,6 @@ impl Config {
     }
 }
 
-/// Environment values are strings; numbers and booleans are parsed so that TOML typing (and
-/// its error messages) apply to both layers alike.
-fn env_value(key: &str, raw: &str) -> toml::Value {
-    if key == "log_json" {
-        if let Ok(b) = raw.parse::<bool>() {
-            return toml::Value::Boolean(b);
-        }
-    }
-    if key.ends_with("_ms")
-        || key.ends_with("_s")
-        || key.ends_with("_max")
-        || key.ends_with("_bytes")
-        || key.ends_with("_per_s")
-        || key.starts_with("max_")
-        || key.starts_with("retention_")
-        || key == "replay_chunk"
-    {
-        if let Ok(n) = raw.parse::<i64>() {
-            return toml::Value::Integer(n);
-        }
-    }
-    toml::Value::String(raw.to_owned())
-}
-
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
@@ -761,6 +778,82 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("max_frame_bytes"), "{err}");
+    }
+
+    /// Every key is settable from the environment with its schema's type: counts, flags,
+    /// strings that look like numbers, lists (comma-separated or a TOML array) and lists
+    /// of tables. An error names the variable, not the file given with `--config`.
+    #[test]
+    fn every_key_takes_its_type_from_the_environment() {
+        let c = load(
+            "stomp_max_headers = 10",
+            &[
+                ("SENSORGATE_STOMP_MAX_HEADERS", "32"),
+                ("SENSORGATE_STOMP_ANONYMOUS", "false"),
+                ("SENSORGATE_STOMP_MAX_HEADER_LINE", "4096"),
+                ("SENSORGATE_STOMP_MAX_SUBSCRIPTIONS", "8"),
+                ("SENSORGATE_STOMP_MAX_UNACKED", "16"),
+                ("SENSORGATE_ENDPOINT_MAX_TOPICS", "100"),
+                ("SENSORGATE_ENDPOINT_MAX_REGISTRATIONS", "7"),
+                ("SENSORGATE_STOMP_SERVICES", "false"),
+                (
+                    "SENSORGATE_TOKEN_SECRET",
+                    "12345678901234567890123456789012",
+                ),
+                ("SENSORGATE_STOMP_PATHS", "/ws,/chat"),
+                (
+                    "SENSORGATE_STOMP_BROKER_PREFIXES",
+                    r#"["/topic/", "/exchange/"]"#,
+                ),
+                ("SENSORGATE_STOMP_APP_PREFIXES", "/app/"),
+                (
+                    "SENSORGATE_PUBLISHERS",
+                    r#"[{ id = "backend", api_key = "backend-key" }]"#,
+                ),
+            ],
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.stomp_max_headers, 32, "the environment beats the file");
+        assert!(!c.stomp_anonymous);
+        assert_eq!(
+            (
+                c.stomp_max_header_line,
+                c.stomp_max_subscriptions,
+                c.stomp_max_unacked
+            ),
+            (4096, 8, 16)
+        );
+        assert_eq!(
+            (c.endpoint_max_topics, c.endpoint_max_registrations),
+            (100, 7)
+        );
+        assert!(!c.stomp_services);
+        assert_eq!(
+            c.token_secret.as_deref(),
+            Some("12345678901234567890123456789012")
+        );
+        assert_eq!(c.stomp_paths, vec!["/ws", "/chat"]);
+        assert_eq!(c.stomp_broker_prefixes, vec!["/topic/", "/exchange/"]);
+        assert_eq!(c.stomp_app_prefixes, vec!["/app/"]);
+        assert_eq!(c.publishers[0].id, "backend");
+
+        for (var, raw) in [
+            ("SENSORGATE_STOMP_ANONYMOUS", "perhaps"),
+            ("SENSORGATE_STOMP_MAX_HEADERS", "-3"),
+            ("SENSORGATE_LISTEN", "nowhere"),
+            (
+                "SENSORGATE_DEVELOPERS",
+                r#"[{ id = "d", api_key = "k", extra = 1 }]"#,
+            ),
+        ] {
+            let err =
+                load("durability = \"fast\"", &[(var, raw)], Overrides::default()).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Env { var: v, .. } if v == var),
+                "{var}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -843,9 +936,6 @@ mod tests {
         }
         for key in ["token_secret", "developers", "api_key_sha256"] {
             assert!(example.contains(key), "{key}");
-        }
-        for key in ENV_KEYS {
-            assert!(table.contains_key(*key) || *key == "token_secret", "{key}");
         }
     }
 

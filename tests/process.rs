@@ -209,6 +209,24 @@ fn invalid_config_is_one_line_naming_the_key_and_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("heartbeat_grace_ms"));
+    // With a good file, a bad variable is named, not the file; a variable that names no
+    // key is an error too.
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "durability = \"fast\"").unwrap();
+    for (var, value) in [
+        ("SENSORGATE_STOMP_MAX_HEADERS", "lots"),
+        ("SENSORGATE_STOMP_ANONYMUS", "false"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sensorgate"))
+            .args(["--config", good.to_str().unwrap(), "config"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{var}: {err}");
+        assert!(err.contains(var), "{err}");
+        assert!(!err.contains("good.toml"), "{err}");
+    }
 }
 
 #[test]
