@@ -156,6 +156,14 @@ pub struct Config {
     /// Accepted connections (HTTP and WebSocket) before new ones wait in the kernel backlog
     /// (64 more are accepted to answer health checks and 503 to everything else).
     pub max_connections: usize,
+    /// Origins a browser may open WebSockets from, as the `Origin` header gives them
+    /// (`https://app.example.com`). Empty: any. A client that sends no `Origin` (not a
+    /// browser) always passes; a browser from another origin gets 403.
+    pub allowed_origins: Vec<String>,
+    /// A second listener for `/metrics`, `/healthz` and `/readyz` (e.g. `127.0.0.1:9090`).
+    /// When set, `/metrics` is served there only; the health checks on both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
     /// Of those, connections that have not authenticated: HTTP requests being read,
     /// WebSockets before IDENTIFY or their token, anonymous STOMP clients. Past it a new
     /// connection gets 503 (health checks excepted), so strangers can never take the slot of
@@ -267,6 +275,8 @@ impl Default for Config {
             retention_max_per_stream: 0,
             max_connections: 16_384,
             max_unauthenticated_connections: 4096,
+            allowed_origins: Vec::new(),
+            admin_listen: None,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             drain_delay_ms: 0,
@@ -327,6 +337,7 @@ fn env_var(key: &str) -> String {
 fn schema() -> Vec<(String, bool)> {
     let all = Config {
         token_secret: Some(String::new()),
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         ..Config::default()
     };
     let table: toml::Table = toml::from_str(&toml::to_string(&all).expect("the schema serializes"))
@@ -542,6 +553,19 @@ impl Config {
                 "stomp_rules.prefix",
                 format!("{:?}: must start with '/' and name something", bad.prefix),
             ));
+        }
+        if let Some(bad) = self
+            .allowed_origins
+            .iter()
+            .find(|o| !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/'))
+        {
+            return Err(invalid(
+                "allowed_origins",
+                format!("{bad:?}: an origin is scheme://host[:port], without a path"),
+            ));
+        }
+        if self.admin_listen == Some(self.listen) && self.listen.port() != 0 {
+            return Err(invalid("admin_listen", "must differ from listen"));
         }
         for (key, list) in prefixes {
             if let Some(bad) = list
@@ -917,7 +941,10 @@ mod tests {
                     .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
             })
             .filter(|l| {
-                !l.starts_with("id ") && !l.starts_with("api_key") && !l.starts_with("token_secret")
+                !l.starts_with("id ")
+                    && !l.starts_with("api_key")
+                    && !l.starts_with("token_secret")
+                    && !l.starts_with("admin_listen")
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -934,7 +961,12 @@ mod tests {
                 "deploy/sensorgate.toml lacks {key}"
             );
         }
-        for key in ["token_secret", "developers", "api_key_sha256"] {
+        for key in [
+            "token_secret",
+            "developers",
+            "api_key_sha256",
+            "admin_listen",
+        ] {
             assert!(example.contains(key), "{key}");
         }
     }

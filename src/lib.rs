@@ -68,6 +68,7 @@ pub enum StartError {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: Shutdown,
     drain_delay: Duration,
     task: JoinHandle<()>,
@@ -136,12 +137,33 @@ impl Server {
             max_unauthenticated: config.max_unauthenticated_connections,
             stomp_paths: config.stomp_paths.clone(),
             endpoint_context_path: config.endpoint_context_path.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            admin_listener: config.admin_listen.is_some(),
         });
-        tracing::info!(%addr, durability = ?config.durability, data_dir = %config.data_dir.display(), "listening");
+        let admin = match config.admin_listen {
+            Some(at) => Some(
+                TcpListener::bind(at)
+                    .await
+                    .map_err(|source| StartError::Bind { addr: at, source })?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin {
+            Some(l) => Some(l.local_addr().map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
+        if let Some(l) = admin {
+            tokio::spawn(server::admin_loop(l, app.clone()));
+        }
+        tracing::info!(%addr, admin = ?admin_addr, durability = ?config.durability, data_dir = %config.data_dir.display(), "listening");
         let grace = Duration::from_millis(config.shutdown_grace_ms);
         let task = tokio::spawn(run(listener, app, hub, shutdown.clone(), grace));
         Ok(Server {
             addr,
+            admin_addr,
             shutdown,
             drain_delay: Duration::from_millis(config.drain_delay_ms),
             task,
@@ -152,6 +174,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     /// Drains as SIGTERM does: readiness off, `drain_delay_ms` of service, then stop

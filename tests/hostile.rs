@@ -347,3 +347,70 @@ async fn refused_credentials_are_counted_and_token_guessing_is_cut_short() {
     assert!(count(&after, "identify") > count(&before, "identify"));
     srv.producer("still-served").await.ping().await;
 }
+
+/// A browser page from another origin cannot open a WebSocket (cross-site WebSocket
+/// hijacking) once `allowed_origins` is set; an allowed origin and a client that sends no
+/// `Origin` (not a browser) are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_from_other_origins_are_refused() {
+    let srv = TestServer::start_with(|c| {
+        c.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    for path in ["/connect", "/stomp/websocket", "/stream"] {
+        let upgrade = |origin: Option<&'static str>| {
+            let mut headers = vec![
+                ("Upgrade", "websocket"),
+                ("Connection", "Upgrade"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                ("Sec-WebSocket-Version", "13"),
+            ];
+            if let Some(o) = origin {
+                headers.push(("Origin", o));
+            }
+            headers
+        };
+        let refused = http(
+            srv.addr,
+            "GET",
+            path,
+            &upgrade(Some("https://evil.example")),
+        )
+        .await;
+        assert_eq!(refused.0, 403, "{path}: {}", refused.1);
+        for origin in [Some("https://app.example.com"), None] {
+            let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+            let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n");
+            for (k, v) in upgrade(origin) {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            req.push_str("\r\n");
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = [0u8; 12];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"HTTP/1.1 101", "{path} from {origin:?}");
+        }
+    }
+}
+
+/// With `admin_listen`, `/metrics` moves to the admin listener (404 on the public one);
+/// the health checks answer on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_can_move_to_an_admin_listener() {
+    let srv = TestServer::start_with(|c| {
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let admin = srv.server.as_ref().unwrap().admin_addr().expect("bound");
+    let (status, body) = http(admin, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("sensorgate_build_info"), "{body}");
+    assert_eq!(http(srv.addr, "GET", "/metrics", &[]).await.0, 404);
+    for at in [admin, srv.addr] {
+        assert_eq!(http(at, "GET", "/healthz", &[]).await.0, 200);
+        assert_eq!(http(at, "GET", "/readyz", &[]).await.0, 200);
+    }
+    assert_eq!(http(admin, "GET", "/connect", &[]).await.0, 404);
+    assert_eq!(http(admin, "POST", "/auth/developer", &[]).await.0, 404);
+}

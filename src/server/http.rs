@@ -39,7 +39,8 @@ pub(super) async fn route(
         (&Method::GET, "/stomp/info") => ("sockjs", sockjs_info()),
         (&Method::POST, "/auth/developer") => ("auth_developer", mint(&req, &app, Role::Developer)),
         (&Method::POST, "/auth/user") => ("auth_user", mint(&req, &app, Role::User)),
-        (&Method::GET, "/metrics") => ("metrics", metrics()),
+        (&Method::GET, "/metrics") if !app.admin_listener => ("metrics", metrics()),
+        (&Method::GET, "/metrics") => ("other", text(StatusCode::NOT_FOUND, "not found\n")),
         (&Method::GET, "/healthz") => ("healthz", text(StatusCode::OK, "ok\n")),
         (&Method::GET, "/readyz") => ("readyz", ready(&app)),
         (
@@ -130,6 +131,19 @@ pub(super) async fn read_body(
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(BodyError::TooLarge),
         Ok(Err(_)) => Err(BodyError::Unreadable),
     }
+}
+
+/// The admin listener's routes: health and metrics, nothing else.
+pub(super) async fn admin_route(
+    req: Request<Incoming>,
+    app: Arc<App>,
+) -> Result<Response<Body>, Infallible> {
+    Ok(match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => metrics(),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => ready(&app),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    })
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -352,6 +366,18 @@ fn connect(
             HeaderValue::from_static("websocket"),
         );
         return r;
+    }
+    if let Some(origin) = req.headers().get(hyper::header::ORIGIN) {
+        let allowed = app.allowed_origins.is_empty()
+            || origin.to_str().is_ok_and(|o| {
+                app.allowed_origins
+                    .iter()
+                    .any(|a| a.eq_ignore_ascii_case(o))
+            });
+        if !allowed {
+            tracing::debug!(origin = ?origin, "WebSocket upgrade from an origin not allowed");
+            return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+        }
     }
     let subprotocol = match protocol {
         Protocol::Stomp => stomp_subprotocol(&req),

@@ -28,6 +28,10 @@ pub struct App {
     pub stomp_paths: Vec<String>,
     /// A context path under which `/stream` and `/json` are served too ("" for none).
     pub endpoint_context_path: String,
+    /// Browser origins allowed to open WebSockets (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// `/metrics` is on the admin listener, not this one.
+    pub admin_listener: bool,
 }
 
 impl App {
@@ -105,6 +109,48 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         }
     }
     tracing::info!("stopped accepting connections");
+}
+
+/// Connections the admin listener serves at once; it answers three cheap routes.
+const ADMIN_CONNECTIONS: usize = 64;
+
+/// The admin listener (`admin_listen`): `/metrics`, `/healthz` and `/readyz` only, with its
+/// own small cap, so probes and scrapes never queue behind clients.
+pub async fn admin_loop(listener: TcpListener, app: Arc<App>) {
+    let permits = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    let shutdown = app.ctx.shutdown.clone();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let timeout = app.handshake_timeout;
+            let service =
+                hyper::service::service_fn(move |req| http::admin_route(req, app.clone()));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .max_headers(64)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
 }
 
 async fn serve_http(stream: TcpStream, app: Arc<App>, slot: Arc<Slot>) {
