@@ -293,11 +293,12 @@ fn decode_head(buf: &[u8], version: Version, limits: &Limits) -> Result<Option<H
         at += nl + 1;
         if version == Version::V1_2 {
             line = line.strip_suffix(b"\r").unwrap_or(line);
-            // 1.2's grammar has no raw CR in a command or header (it is escaped as `\r`);
-            // one before the terminator would not survive re-encoding, as it reads as CRLF.
-            if memchr(b'\r', line).is_some() {
-                return Err(CodecError::BareCarriageReturn);
-            }
+        }
+        // No version can carry a raw CR in a command or header: 1.2 escapes it as `\r`,
+        // 1.0 and 1.1 have no way to write one, and before the terminator it would read
+        // as CRLF. Refused, so that whatever is accepted goes out to any subscriber intact.
+        if memchr(b'\r', line).is_some() {
+            return Err(CodecError::BareCarriageReturn);
         }
         if line.len() > limits.max_header_line {
             return Err(CodecError::HeaderLineTooLong(limits.max_header_line));
@@ -607,12 +608,15 @@ mod tests {
             (f.header("destination"), &f.body[..]),
             (Some("/a"), &b"hi"[..])
         );
-        // In 1.1 the CR is part of the command, which is then unknown.
-        assert_eq!(one(wire, Version::V1_1), Err(CodecError::UnknownCommand));
+        // 1.1 has no CRLF: the CR would be part of the command, and is refused.
+        assert_eq!(
+            one(wire, Version::V1_1),
+            Err(CodecError::BareCarriageReturn)
+        );
     }
 
     #[test]
-    fn raw_cr_inside_a_1_2_header_is_refused() {
+    fn a_raw_cr_in_a_header_is_refused_in_every_version() {
         // Found by the stomp_decode fuzz target: an unescaped CONNECT header ending in CR
         // decoded, then re-encoded into a CRLF that lost it.
         let wire = b"CONNECT\naccept-version:1.2\r\r\n\n\0";
@@ -625,11 +629,16 @@ mod tests {
             one(wire, Version::V1_2),
             Err(CodecError::BareCarriageReturn)
         );
-        // 1.0 and 1.1 have no CRLF, so a CR there is an ordinary octet.
-        assert_eq!(
-            frame(wire, Version::V1_1).header("destination"),
-            Some("/a\rb")
-        );
+        // 1.0 and 1.1 cannot write a CR in a header either, so it is refused there too:
+        // what is accepted must reach a subscriber of any version intact (found by the
+        // fuzzer as a 1.1 CONNECT, fuzz/seeds/stomp_decode/raw-cr-in-1.1-connect).
+        for version in [Version::V1_0, Version::V1_1] {
+            assert_eq!(one(wire, version), Err(CodecError::BareCarriageReturn));
+            assert_eq!(
+                one(b"CONNECT\n:1\r\r,1.1\nx:1\n\n\0", version),
+                Err(CodecError::BareCarriageReturn)
+            );
+        }
     }
 
     #[test]
