@@ -2,13 +2,13 @@
 //! what most of seed 000's and 002's users run), stomp.py's WSStompConnection (which offers
 //! no subprotocol), and seed 003's flow driven with `ws` exactly as BIMserver's JavaScript
 //! API drives it. Their scripts live in `clients/`; the first run installs them from the
-//! npm registry and PyPI at the versions pinned there (`.ci/run` does so too).
+//! npm registry and PyPI at the versions pinned there, once, under a lock
+//! (`common::install`).
 
 mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn clients_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,51 +16,24 @@ fn clients_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("the command starts");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Installs @stomp/stompjs and ws from `package-lock.json` unless already there.
 fn stompjs() -> PathBuf {
     let dir = clients_dir("stompjs");
-    if !dir.join("node_modules/@stomp/stompjs").exists() {
-        run(Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir));
-    }
+    install::npm(&dir);
     dir.join("check.mjs")
 }
 
 /// Installs ws for the BIMserver flow from `package-lock.json` unless already there.
 fn bimserver_flow() -> PathBuf {
     let dir = clients_dir("bimserver");
-    if !dir.join("node_modules/ws").exists() {
-        run(Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir));
-    }
+    install::npm(&dir);
     dir.join("flow.mjs")
 }
 
 /// A virtualenv with stomp.py from `requirements.txt`, unless already there.
 fn stomppy() -> (PathBuf, PathBuf) {
     let dir = clients_dir("stomppy");
-    let python = dir.join(".venv/bin/python");
-    if !python.exists() {
-        run(Command::new("python3")
-            .args(["-m", "venv", ".venv"])
-            .current_dir(&dir));
-        run(Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "-r", "requirements.txt"])
-            .current_dir(&dir));
-    }
-    (python, dir.join("check.py"))
+    (install::venv(&dir), dir.join("check.py"))
 }
 
 async fn output(cmd: &mut tokio::process::Command) -> (bool, String) {

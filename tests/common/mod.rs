@@ -13,6 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode
 use tokio_tungstenite::tungstenite::Message;
 
 pub mod endpoint;
+pub mod install;
 pub mod stomp;
 
 pub use sensorgate::config::{Config, DeveloperConfig};
