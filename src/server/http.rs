@@ -412,9 +412,14 @@ fn connect(
             .downcast::<TokioIo<TcpStream>>()
         {
             Ok(parts) => {
+                // A copy of what the client sent behind its upgrade (usually nothing):
+                // `read_buf` shares hyper's whole 8 KiB read buffer, which must not stay
+                // allocated for the connection's life.
+                let leftover = Bytes::copy_from_slice(&parts.read_buf);
+                drop(parts.read_buf);
                 let socket = crate::conn::Upgraded {
                     stream: parts.io.into_inner(),
-                    leftover: parts.read_buf,
+                    leftover,
                     unauthenticated,
                 };
                 match protocol {
