@@ -169,12 +169,14 @@ fn kicked(reason: KickReason) -> socket::End {
 /// A connection's place in `max_unauthenticated_connections`, taken at accept. The
 /// connection gives it back once its client authenticates (IDENTIFY, a STOMP token, an
 /// endpoint token); HTTP connections and anonymous STOMP clients keep it to the end.
-pub struct Unauthenticated(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+pub struct Unauthenticated {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
 
 impl Unauthenticated {
     pub fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
         crate::metrics::handles().unauthenticated.increment(1.0);
-        Self(permit)
+        Self { _permit: permit }
     }
 }
 
