@@ -311,6 +311,13 @@ pub async fn run(ctx: &Ctx, a: &StompArgs) -> Result<Report> {
         errors.push("subscribers did not close in time".into());
     }
     let lost = expected.saturating_sub(total);
+    if total == 0 && expected > 0 && a.via == Via::Stomp && ctx.developers.is_empty() {
+        errors.push(
+            "nothing was delivered and the publishers were anonymous: sensorgate's default \
+             rules let only developers SEND to /topic/ (pass --data-dir, --config or --dev)"
+                .into(),
+        );
+    }
     let passed = lost == 0 && out_of_order == 0 && errors.is_empty();
     Ok(Report {
         scenario: "stomp",
