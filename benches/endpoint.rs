@@ -71,11 +71,11 @@ fn push(c: &mut Criterion) {
             ..Default::default()
         };
         endpoints
-            .update(1, first, 0, &topics, progress_push)
+            .update("acme", 1, first, 0, &topics, progress_push)
             .expect("the topic starts");
         let mut inboxes: Vec<_> = (0..n).map(inbox).collect();
         for (i, (inbox, _)) in inboxes.iter().enumerate() {
-            let id = endpoints.open(Arc::from("acme/alice"), inbox.clone());
+            let id = endpoints.open(Arc::from("acme/alice"), Arc::from("acme"), inbox.clone());
             let family = if i % 2 == 0 {
                 Family::Current
             } else {
@@ -97,13 +97,16 @@ fn push(c: &mut Criterion) {
                     ..Default::default()
                 };
                 endpoints
-                    .update(1, update, now, &topics, progress_push)
+                    .update("acme", 1, update, now, &topics, progress_push)
                     .expect("pushed");
                 drain(&mut inboxes);
             })
         });
 
-        let body = Bytes::from(progress_push(1, &endpoints.progress(1).expect("exists")));
+        let body = Bytes::from(progress_push(
+            1,
+            &endpoints.progress("acme", 1).expect("exists"),
+        ));
         let mut subscribers: Vec<_> = (0..n).map(|i| inbox(1000 + i)).collect();
         for (inbox, _) in &subscribers {
             topics.subscribe("/topic/baseline", 0, inbox);

@@ -103,6 +103,9 @@ pub struct Auth {
     publishers: Vec<(String, [u8; 32])>,
     /// Static `/stream` and `/json` tokens: owner ids with the tokens' digests.
     endpoint_tokens: Vec<(String, [u8; 32])>,
+    /// The developer each publisher and each static token acts for, by "publisher:<id>" and
+    /// "token:<id>".
+    acts_for: HashMap<String, String>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -128,6 +131,7 @@ impl Auth {
             developers,
             publishers: Vec::new(),
             endpoint_tokens: Vec::new(),
+            acts_for: HashMap::new(),
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
@@ -155,6 +159,12 @@ impl Auth {
             .iter()
             .map(|p| (p.id.clone(), digest_of(p)))
             .collect();
+        for p in publishers {
+            if let Some(dev) = &p.developer {
+                self.acts_for
+                    .insert(format!("publisher:{}", p.id), dev.clone());
+            }
+        }
         self
     }
 
@@ -164,6 +174,11 @@ impl Auth {
             .iter()
             .map(|t| (t.id.clone(), digest_of(t)))
             .collect();
+        for t in tokens {
+            if let Some(dev) = &t.developer {
+                self.acts_for.insert(format!("token:{}", t.id), dev.clone());
+            }
+        }
         self
     }
 
@@ -200,6 +215,23 @@ impl Auth {
             Role::Developer => "",
         };
         Ok(Arc::from(format!("{}/{user}", claims.dev)))
+    }
+
+    /// The tenant an endpoint owner sees: the developer of "developer/user", the developer
+    /// a static token is configured for, or (none configured) the token itself, which then
+    /// sees nothing any publisher raises.
+    pub fn tenant_of(&self, owner: &str) -> Arc<str> {
+        match owner.split_once('/') {
+            Some((developer, _)) => Arc::from(developer),
+            None => Arc::from(self.acts_for.get(owner).map_or(owner, String::as_str)),
+        }
+    }
+
+    /// The developer a publisher raises endpoint notifications for, if configured.
+    pub fn publisher_tenant(&self, publisher: &str) -> Option<&str> {
+        self.acts_for
+            .get(&format!("publisher:{publisher}"))
+            .map(String::as_str)
     }
 
     /// Mints a single-use token. `user` is required for [`Role::User`].
@@ -466,6 +498,7 @@ pub fn load_or_create_demo(data_dir: &Path) -> std::io::Result<(DeveloperConfig,
                 id: "demo".into(),
                 api_key: Some(random_hex(24)),
                 api_key_sha256: None,
+                developer: None,
             };
             let text = toml::to_string(&dev).expect("a developer always renders as TOML");
             write_private(&path, text.as_bytes())?;
@@ -565,11 +598,13 @@ mod tests {
                 id: "acme".into(),
                 api_key: Some("k1".into()),
                 api_key_sha256: None,
+                developer: None,
             },
             DeveloperConfig {
                 id: "hashed".into(),
                 api_key: None,
                 api_key_sha256: Some(api_key_digest("k2")),
+                developer: None,
             },
         ];
         Auth::new(&devs, &[7u8; 32], ttl)
@@ -591,11 +626,13 @@ mod tests {
                 id: "chat".into(),
                 api_key: Some("pk".into()),
                 api_key_sha256: None,
+                developer: None,
             },
             PublisherConfig {
                 id: "gym".into(),
                 api_key: None,
                 api_key_sha256: Some(api_key_digest("gk")),
+                developer: None,
             },
         ]);
         assert_eq!(a.check_publisher("pk"), Ok("chat"));
@@ -610,6 +647,7 @@ mod tests {
             id: "bimviews".into(),
             api_key: Some("static-token".into()),
             api_key_sha256: None,
+            developer: None,
         }]);
         assert_eq!(
             &*a.endpoint_owner("static-token").unwrap(),
@@ -713,6 +751,7 @@ mod tests {
                 id: "acme".into(),
                 api_key: Some("k1".into()),
                 api_key_sha256: None,
+                developer: None,
             }],
             &[9u8; 32],
             60,

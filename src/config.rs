@@ -49,7 +49,7 @@ impl std::str::FromStr for Durability {
 
 /// A tenant allowed to mint tokens. The key is given in clear or as its SHA-256 (hex), so a
 /// config file in a repository need not hold the secret itself.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DeveloperConfig {
     pub id: String,
@@ -57,6 +57,11 @@ pub struct DeveloperConfig {
     pub api_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_sha256: Option<String>,
+    /// Publishers and endpoint tokens only: the developer (tenant) they act for. A
+    /// publisher raises that developer's endpoint notifications; a static endpoint token
+    /// sees that developer's progress topics and project events. Without it, neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub developer: Option<String>,
 }
 
 /// Who a STOMP rule admits: connections without a token, with a user (producer) token,
@@ -654,6 +659,27 @@ impl Config {
         for (key, list) in keyed {
             let mut seen = std::collections::HashSet::new();
             for k in list {
+                match (&k.developer, key) {
+                    (Some(_), "developers") => {
+                        return Err(invalid(
+                            key,
+                            format!(
+                                "{:?}: `developer` is for publishers and endpoint tokens",
+                                k.id
+                            ),
+                        ))
+                    }
+                    (Some(d), _)
+                        if !self.developers.is_empty()
+                            && !self.developers.iter().any(|dev| &dev.id == d) =>
+                    {
+                        return Err(invalid(
+                            key,
+                            format!("{:?}: developer {d:?} is not configured", k.id),
+                        ))
+                    }
+                    _ => {}
+                }
                 if k.id.is_empty() || k.id.len() > 128 || k.id.contains(['/', ':', '\0']) {
                     return Err(invalid(
                         key,
@@ -912,6 +938,14 @@ mod tests {
             ("endpoint_max_topics = 0", "endpoint_max_topics"),
             ("stomp_broker_prefixes = [\"/bimserver/x/\"]", "stomp_broker_prefixes"),
             ("[[endpoint_tokens]]\nid = \"t\"\n", "endpoint_tokens"),
+            (
+                "[[developers]]\nid = \"a\"\napi_key = \"k\"\n[[publishers]]\nid = \"p\"\napi_key = \"j\"\ndeveloper = \"b\"",
+                "publishers",
+            ),
+            (
+                "[[developers]]\nid = \"a\"\napi_key = \"k\"\ndeveloper = \"a\"",
+                "developers",
+            ),
         ] {
             let err = load(text, &[], Overrides::default()).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
@@ -945,6 +979,7 @@ mod tests {
                     && !l.starts_with("api_key")
                     && !l.starts_with("token_secret")
                     && !l.starts_with("admin_listen")
+                    && !l.starts_with("developer ")
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -981,6 +1016,7 @@ mod tests {
             id: "d".into(),
             api_key: Some("hunter2".into()),
             api_key_sha256: None,
+            developer: None,
         });
         let shown = c.to_toml_masked();
         assert!(

@@ -414,3 +414,112 @@ async fn metrics_can_move_to_an_admin_listener() {
     assert_eq!(http(admin, "GET", "/connect", &[]).await.0, 404);
     assert_eq!(http(admin, "POST", "/auth/developer", &[]).await.0, 404);
 }
+
+/// Progress topics and project events belong to the developer that raised them. Another
+/// developer's token cannot read or register for them, and its endpoints never receive
+/// them; a static endpoint token sees the developer it is configured for; a publisher key
+/// raises endpoint notifications only for the developer it is configured for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_do_not_see_each_others_progress_or_projects() {
+    use common::endpoint::{json_call, outcome, publish, Endpoint};
+    use serde_json::json;
+    const REGISTRY: &str = "org.bimserver.NotificationRegistryInterface";
+    let srv = TestServer::start_with(|c| {
+        c.endpoint_tokens = vec![DeveloperConfig {
+            id: "acme-bimserver".into(),
+            api_key: Some("acme-static-token".into()),
+            developer: Some(DEV.into()),
+            ..Default::default()
+        }];
+        c.publishers = vec![
+            DeveloperConfig {
+                id: "acme-backend".into(),
+                api_key: Some("acme-backend-key".into()),
+                developer: Some(DEV.into()),
+                ..Default::default()
+            },
+            DeveloperConfig {
+                id: "chat-only".into(),
+                api_key: Some("chat-only-key".into()),
+                ..Default::default()
+            },
+        ];
+    })
+    .await;
+    publish(
+        &srv,
+        "/bimserver/progress/12",
+        json!({"state": "STARTED", "progress": 5}),
+    )
+    .await;
+
+    let acme = srv.token("/auth/user?id=alice").await;
+    let globex = token(srv.addr, "/auth/user?id=bob", DEV2, KEY2).await;
+    let (_, reply) = json_call(
+        &srv,
+        &globex,
+        REGISTRY,
+        "getProgress",
+        json!({"topicId": 12}),
+    )
+    .await;
+    assert_eq!(outcome(&reply), Err("Topic with id 12 not found".into()));
+    let (_, reply) = json_call(&srv, &acme, REGISTRY, "getProgress", json!({"topicId": 12})).await;
+    assert!(outcome(&reply).is_ok(), "{reply}");
+
+    let mut theirs = Endpoint::connected(&srv, "/stream", &globex).await;
+    let (_, reply) = json_call(
+        &srv,
+        &globex,
+        REGISTRY,
+        "registerProgressHandler",
+        json!({"topicId": 12, "endPointId": theirs.id}),
+    )
+    .await;
+    assert_eq!(outcome(&reply), Err("Topic with id 12 not found".into()));
+    let mut ours = Endpoint::connected(&srv, "/stream", "acme-static-token").await;
+    for (e, token) in [
+        (&theirs, &globex),
+        (&ours, &"acme-static-token".to_string()),
+    ] {
+        let (_, reply) = json_call(
+            &srv,
+            token,
+            REGISTRY,
+            "registerNewProjectHandler",
+            json!({"endPointId": e.id}),
+        )
+        .await;
+        assert_eq!(outcome(&reply), Ok(json!({})));
+    }
+    // acme's backend, by its publisher key, raises a project: acme's endpoint only.
+    let body = json!({"destination": "/bimserver/newProject", "data": {"poid": 7}});
+    let (status, text) = http_with_body(
+        srv.addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "Bearer acme-backend-key")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let got = ours.recv_json().await;
+    assert_eq!(got["request"]["method"], "newProject", "{got}");
+    assert_eq!(got["request"]["parameters"]["poid"], 7, "{got}");
+    // A key configured for no developer raises no endpoint notification.
+    let (status, text) = http_with_body(
+        srv.addr,
+        "POST",
+        "/api/publish",
+        &[("Authorization", "Bearer chat-only-key")],
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    // globex's endpoint got nothing of all this.
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(300), theirs.recv());
+    assert!(
+        quiet.await.is_err(),
+        "another developer's project reached globex"
+    );
+}

@@ -159,6 +159,7 @@ async fn heartbeat_ticks_and_a_publisher_key_raises_chat_events() {
             id: "chat-backend".into(),
             api_key: Some("chat-backend-key".into()),
             api_key_sha256: None,
+            developer: None,
         }];
     })
     .await;

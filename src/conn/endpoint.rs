@@ -26,7 +26,7 @@ use crate::frontend::endpoint::api::{self, Call, Envelope, Outcome};
 use crate::frontend::endpoint::frame::{push_parts, FrameError, Inbound, Outbound};
 use crate::frontend::CloseCode;
 use crate::hub::endpoints::{Family, PushKey};
-use crate::hub::{Hub, Inbox, Kick, TopicDelivery};
+use crate::hub::{Inbox, Kick, TopicDelivery};
 use crate::metrics::{self, AuthPlace};
 
 /// Rounds of socket work per wake-up before the task lets others run.
@@ -162,11 +162,11 @@ impl State {
         }
         match self.ctx.auth.endpoint_owner(token) {
             Ok(owner) => {
-                let id = self
-                    .ctx
-                    .hub
-                    .endpoints()
-                    .open(owner.clone(), self.inbox.clone());
+                let id = self.ctx.hub.endpoints().open(
+                    owner.clone(),
+                    self.ctx.auth.tenant_of(&owner),
+                    self.inbox.clone(),
+                );
                 tracing::debug!(conn = self.id, endpoint = id, %owner, "endpoint registered");
                 m.endpoint_handshakes[0].increment(1);
                 self.endpoint = Some((id, owner));
@@ -248,7 +248,7 @@ pub fn execute(ctx: &ConnCtx, envelope: &Envelope, socket_owner: Option<&Arc<str
             let outcome = match (&owner, resolved) {
                 (Err(message), _) => Outcome::Exception(message.clone()),
                 (_, Err(message)) => Outcome::Exception(message),
-                (Ok(owner), Ok((family, call))) => call_one(&ctx.hub, owner, family, call),
+                (Ok(owner), Ok((family, call))) => call_one(ctx, owner, family, call),
             };
             let failed = matches!(outcome, Outcome::Exception(_));
             m.endpoint_calls[method][failed as usize].increment(1);
@@ -267,7 +267,8 @@ fn user_name(owner: &str) -> &str {
     }
 }
 
-fn call_one(hub: &Hub, owner: &str, family: Family, call: Call) -> Outcome {
+fn call_one(ctx: &ConnCtx, owner: &str, family: Family, call: Call) -> Outcome {
+    let hub = &ctx.hub;
     let (endpoints, topics) = (hub.endpoints(), hub.topics());
     let done = match call {
         Call::Register { what, endpoint } => endpoints
@@ -277,7 +278,7 @@ fn call_one(hub: &Hub, owner: &str, family: Family, call: Call) -> Outcome {
             .unregister(endpoint, owner, what, topics)
             .map(|()| Outcome::Void),
         Call::GetProgress { topic } => endpoints
-            .progress(topic)
+            .progress(&ctx.auth.tenant_of(owner), topic)
             .map(|state| Outcome::Progress(topic, state)),
         Call::LoggedInUser => Ok(Outcome::User(user_name(owner).to_owned())),
     };

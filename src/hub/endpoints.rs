@@ -195,6 +195,8 @@ struct Endpoint {
     /// Who opened it ("developer/user", or "token:<id>" for a configured token): only they
     /// may register it.
     owner: Arc<str>,
+    /// The developer whose progress topics and project events it may see.
+    tenant: Arc<str>,
     inbox: Inbox,
     registrations: HashMap<Notification, Family>,
 }
@@ -227,20 +229,20 @@ pub struct Endpoints {
     limits: EndpointLimits,
     next_id: AtomicU64,
     endpoints: DashMap<u64, Mutex<Endpoint>>,
-    topics: DashMap<u64, Mutex<Topic>>,
+    /// Progress topics by tenant and id: one developer's topic 12 is not another's.
+    topics: DashMap<(Arc<str>, u64), Mutex<Topic>>,
     /// Topics with a held state, for [`Endpoints::flush_due`].
-    held: Mutex<Vec<u64>>,
-    new_revision: Arc<str>,
-    new_project: Arc<str>,
+    held: Mutex<Vec<(Arc<str>, u64)>>,
 }
 
-/// The hub destination a notification travels on. Outside every STOMP prefix (no leading
-/// slash), so no STOMP client can subscribe or send there.
-fn destination(what: Notification) -> String {
+/// The hub destination a tenant's notification travels on. Outside every STOMP prefix (no
+/// leading slash), so no STOMP client can subscribe or send there; the tenant is part of
+/// it, so one developer's endpoints never receive another's.
+fn destination(tenant: &str, what: Notification) -> String {
     match what {
-        Notification::Progress(t) => format!("endpoint:progress:{t}"),
-        Notification::NewRevision => "endpoint:newRevision".into(),
-        Notification::NewProject => "endpoint:newProject".into(),
+        Notification::Progress(t) => format!("endpoint:{tenant}:progress:{t}"),
+        Notification::NewRevision => format!("endpoint:{tenant}:newRevision"),
+        Notification::NewProject => format!("endpoint:{tenant}:newProject"),
     }
 }
 
@@ -252,8 +254,6 @@ impl Endpoints {
             endpoints: DashMap::new(),
             topics: DashMap::new(),
             held: Mutex::new(Vec::new()),
-            new_revision: destination(Notification::NewRevision).into(),
-            new_project: destination(Notification::NewProject).into(),
         }
     }
 
@@ -261,13 +261,15 @@ impl Endpoints {
         &self.limits
     }
 
-    /// Registers an endpoint for a socket; its id is unique for the server's life.
-    pub fn open(&self, owner: Arc<str>, inbox: Inbox) -> u64 {
+    /// Registers an endpoint of `owner`, who sees `tenant`'s notifications, for a socket;
+    /// its id is unique for the server's life.
+    pub fn open(&self, owner: Arc<str>, tenant: Arc<str>, inbox: Inbox) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.endpoints.insert(
             id,
             Mutex::new(Endpoint {
                 owner,
+                tenant,
                 inbox,
                 registrations: HashMap::new(),
             }),
@@ -283,7 +285,7 @@ impl Endpoints {
         };
         let endpoint = endpoint.into_inner();
         for what in endpoint.registrations.keys() {
-            topics.leave(&destination(*what), endpoint.inbox.conn);
+            topics.leave(&destination(&endpoint.tenant, *what), endpoint.inbox.conn);
         }
         crate::metrics::handles().endpoints.decrement(1.0);
     }
@@ -302,15 +304,16 @@ impl Endpoints {
         let mut endpoint = entry.lock();
         // Held across the topic check, so the topic cannot expire before the subscription.
         let topic = match what {
-            Notification::Progress(t) => {
-                Some(self.topics.get(&t).ok_or(EndpointError::NoTopic(t))?)
-            }
+            Notification::Progress(t) => Some(
+                self.topics
+                    .get(&(endpoint.tenant.clone(), t))
+                    .ok_or(EndpointError::NoTopic(t))?,
+            ),
             _ => None,
         };
-        let dest = match &topic {
+        let dest: Arc<str> = match &topic {
             Some(t) => t.lock().destination.clone(),
-            None if what == Notification::NewRevision => self.new_revision.clone(),
-            None => self.new_project.clone(),
+            None => destination(&endpoint.tenant, what).into(),
         };
         let conn = endpoint.inbox.conn;
         match endpoint.registrations.get(&what).copied() {
@@ -346,7 +349,8 @@ impl Endpoints {
         let mut endpoint = entry.lock();
         if let Some(family) = endpoint.registrations.remove(&what) {
             let key = PushKey::new(family, what).0;
-            topics.unsubscribe(&destination(what), endpoint.inbox.conn, key);
+            let dest = destination(&endpoint.tenant, what);
+            topics.unsubscribe(&dest, endpoint.inbox.conn, key);
         }
         Ok(())
     }
@@ -364,11 +368,11 @@ impl Endpoints {
             .ok_or(EndpointError::NoEndpoint(id))
     }
 
-    /// A topic's current state (`getProgress`).
-    pub fn progress(&self, topic: u64) -> Result<ProgressState, EndpointError> {
+    /// A topic's current state (`getProgress`), among `tenant`'s topics.
+    pub fn progress(&self, tenant: &str, topic: u64) -> Result<ProgressState, EndpointError> {
         let t = self
             .topics
-            .get(&topic)
+            .get(&(Arc::from(tenant), topic))
             .ok_or(EndpointError::NoTopic(topic))?;
         let state = t.lock().state.clone();
         Ok(state)
@@ -380,13 +384,15 @@ impl Endpoints {
     /// held state is pushed by [`Endpoints::flush_due`] when its window ends.
     pub fn update(
         &self,
+        tenant: &str,
         topic: u64,
         update: ProgressUpdate,
         now_ms: u64,
         topics: &Topics,
         encode: EncodeProgress,
     ) -> Result<Update, EndpointError> {
-        let entry = match self.topics.get(&topic) {
+        let key: (Arc<str>, u64) = (Arc::from(tenant), topic);
+        let entry = match self.topics.get(&key) {
             Some(t) => t,
             None => {
                 let count = self.topics.len();
@@ -394,11 +400,11 @@ impl Endpoints {
                     return Err(EndpointError::TooManyTopics(count));
                 }
                 self.topics
-                    .entry(topic)
+                    .entry(key.clone())
                     .or_insert_with(|| {
                         crate::metrics::handles().progress_topics.increment(1.0);
                         Mutex::new(Topic {
-                            destination: destination(Notification::Progress(topic)).into(),
+                            destination: destination(tenant, Notification::Progress(topic)).into(),
                             state: ProgressState::new(now_ms),
                             pushed: None,
                             held: false,
@@ -416,7 +422,7 @@ impl Endpoints {
             Decision::Hold => {
                 if !t.held {
                     t.held = true;
-                    self.held.lock().push(topic);
+                    self.held.lock().push(key.clone());
                 }
                 Update::Held
             }
@@ -437,17 +443,18 @@ impl Endpoints {
         }
         let mut still = Vec::new();
         let mut flushed = 0;
-        for topic in held {
-            let Some(entry) = self.topics.get(&topic) else {
+        for key in held {
+            let Some(entry) = self.topics.get(&key) else {
                 continue;
             };
+            let topic = key.1;
             let mut t = entry.lock();
             if !t.held {
                 continue;
             }
             let last = t.pushed.as_ref().map_or(0, |(_, at)| *at);
             if now_ms.saturating_sub(last) < self.limits.progress_interval_ms {
-                still.push(topic);
+                still.push(key.clone());
                 continue;
             }
             push(&mut t, topic, now_ms, topics, encode);
@@ -475,15 +482,13 @@ impl Endpoints {
         removed
     }
 
-    /// Pushes `newRevision` or `newProject` (already encoded) to every endpoint registered
-    /// for it; returns how many.
-    pub fn event(&self, what: Notification, body: Vec<u8>, topics: &Topics) -> usize {
-        let destination = match what {
-            Notification::NewRevision => self.new_revision.clone(),
-            Notification::NewProject => self.new_project.clone(),
-            Notification::Progress(_) => return 0,
-        };
-        topics.publish(message(destination, topics, body))
+    /// Pushes `tenant`'s `newRevision` or `newProject` (already encoded) to every endpoint of
+    /// that tenant registered for it; returns how many.
+    pub fn event(&self, tenant: &str, what: Notification, body: Vec<u8>, topics: &Topics) -> usize {
+        if let Notification::Progress(_) = what {
+            return 0;
+        }
+        topics.publish(message(destination(tenant, what).into(), topics, body))
     }
 }
 
@@ -574,7 +579,7 @@ mod tests {
             outbox: Outbox::new(100, 1 << 20),
             kick: Kick::new(),
         };
-        let id = e.open(Arc::from("acme/alice"), inbox);
+        let id = e.open(Arc::from("acme/alice"), Arc::from("acme"), inbox);
         (e, topics, id, rx)
     }
 
@@ -591,12 +596,69 @@ mod tests {
             .collect()
     }
 
+    /// Progress topics and project events belong to the developer that raised them: the
+    /// same topic id is two topics for two developers, and one's events never reach the
+    /// other's endpoints.
+    #[test]
+    fn tenants_do_not_see_each_others_topics_or_events() {
+        let (e, topics, acme, mut acme_rx) = setup();
+        let t = &topics;
+        let (tx, mut globex_rx) = mpsc::unbounded_channel();
+        let inbox = Inbox {
+            conn: 10,
+            tx,
+            outbox: Outbox::new(100, 1 << 20),
+            kick: Kick::new(),
+        };
+        let globex = e.open(Arc::from("globex/bob"), Arc::from("globex"), inbox);
+        e.update("acme", 7, progress(10), 1_000, t, encode).unwrap();
+        assert_eq!(e.progress("acme", 7).unwrap().progress, 10);
+        assert_eq!(e.progress("globex", 7), Err(EndpointError::NoTopic(7)));
+        // globex cannot register for acme's topic 7, and its own topic 7 is another one.
+        assert_eq!(
+            e.register(
+                globex,
+                "globex/bob",
+                Notification::Progress(7),
+                Family::Current,
+                t
+            ),
+            Err(EndpointError::NoTopic(7))
+        );
+        e.update("globex", 7, progress(90), 1_000, t, encode)
+            .unwrap();
+        for (id, owner) in [(acme, "acme/alice"), (globex, "globex/bob")] {
+            for what in [Notification::Progress(7), Notification::NewProject] {
+                e.register(id, owner, what, Family::Current, t).unwrap();
+            }
+        }
+        e.update(
+            "acme",
+            7,
+            ProgressUpdate {
+                stage: Some(2),
+                ..progress(20)
+            },
+            2_000,
+            t,
+            encode,
+        )
+        .unwrap();
+        assert_eq!(
+            e.event("acme", Notification::NewProject, b"p1".to_vec(), t),
+            1
+        );
+        assert_eq!(bodies(&mut acme_rx), vec!["7:STARTED:2:20", "p1"]);
+        assert!(bodies(&mut globex_rx).is_empty());
+        assert_eq!(e.progress("globex", 7).unwrap().progress, 90);
+    }
+
     #[test]
     fn the_throttle_passes_changes_at_once_and_progress_once_per_interval() {
         let (e, topics, id, mut rx) = setup();
         let t = &topics;
         assert_eq!(
-            e.update(7, progress(1), 1_000, t, encode),
+            e.update("acme", 7, progress(1), 1_000, t, encode),
             Ok(Update::Pushed(0))
         );
         e.register(
@@ -608,12 +670,18 @@ mod tests {
         )
         .unwrap();
         // Inside the window: held; the same state again: nothing to tell.
-        assert_eq!(e.update(7, progress(2), 1_050, t, encode), Ok(Update::Held));
         assert_eq!(
-            e.update(7, progress(1), 1_060, t, encode),
+            e.update("acme", 7, progress(2), 1_050, t, encode),
+            Ok(Update::Held)
+        );
+        assert_eq!(
+            e.update("acme", 7, progress(1), 1_060, t, encode),
             Ok(Update::Unchanged)
         );
-        assert_eq!(e.update(7, progress(3), 1_100, t, encode), Ok(Update::Held));
+        assert_eq!(
+            e.update("acme", 7, progress(3), 1_100, t, encode),
+            Ok(Update::Held)
+        );
         // The window ends: the latest held state goes, once.
         assert_eq!(e.flush_due(1_150, t, encode), 0);
         assert_eq!(e.flush_due(1_200, t, encode), 1);
@@ -623,14 +691,20 @@ mod tests {
             stage: Some(2),
             ..progress(4)
         };
-        assert_eq!(e.update(7, stage, 1_210, t, encode), Ok(Update::Pushed(1)));
+        assert_eq!(
+            e.update("acme", 7, stage, 1_210, t, encode),
+            Ok(Update::Pushed(1))
+        );
         let title = ProgressUpdate {
             title: Some("Storing".into()),
             ..Default::default()
         };
-        assert_eq!(e.update(7, title, 1_220, t, encode), Ok(Update::Pushed(1)));
         assert_eq!(
-            e.update(7, progress(100), 1_230, t, encode),
+            e.update("acme", 7, title, 1_220, t, encode),
+            Ok(Update::Pushed(1))
+        );
+        assert_eq!(
+            e.update("acme", 7, progress(100), 1_230, t, encode),
             Ok(Update::Pushed(1))
         );
         let finished = ProgressUpdate {
@@ -638,12 +712,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            e.update(7, finished, 1_240, t, encode),
+            e.update("acme", 7, finished, 1_240, t, encode),
             Ok(Update::Pushed(1))
         );
         // After the window, progress alone goes at once.
         assert_eq!(
-            e.update(7, progress(50), 1_500, t, encode),
+            e.update("acme", 7, progress(50), 1_500, t, encode),
             Ok(Update::Pushed(1))
         );
         assert_eq!(
@@ -657,7 +731,7 @@ mod tests {
                 "7:FINISHED:2:50"
             ]
         );
-        let state = e.progress(7).unwrap();
+        let state = e.progress("acme", 7).unwrap();
         assert_eq!(state.title, "Storing");
         assert_eq!(state.end, Some(1_240), "a finished action gets an end");
         assert_eq!(state.start, 1_000);
@@ -675,7 +749,7 @@ mod tests {
             t,
         );
         assert_eq!(err, Err(EndpointError::NoTopic(1)));
-        e.update(1, progress(5), 0, t, encode).unwrap();
+        e.update("acme", 1, progress(5), 0, t, encode).unwrap();
         let mallory = e.register(
             id,
             "acme/mallory",
@@ -702,7 +776,7 @@ mod tests {
             e.register(id, "acme/alice", what, Family::Bimsie1, t)
                 .unwrap();
         }
-        assert_eq!(t.subscribers("endpoint:progress:1"), 1);
+        assert_eq!(t.subscribers("endpoint:acme:progress:1"), 1);
         // Switching the family keeps the one subscription.
         e.register(
             id,
@@ -712,8 +786,11 @@ mod tests {
             t,
         )
         .unwrap();
-        assert_eq!(t.subscribers("endpoint:newRevision"), 1);
-        assert_eq!(e.event(Notification::NewRevision, b"r".to_vec(), t), 1);
+        assert_eq!(t.subscribers("endpoint:acme:newRevision"), 1);
+        assert_eq!(
+            e.event("acme", Notification::NewRevision, b"r".to_vec(), t),
+            1
+        );
         let (key, _) = rx.try_recv().unwrap();
         assert_eq!(PushKey(key).family(), Family::Current);
         assert_eq!(PUSH_METHODS[PushKey(key).method()], "newRevision");
@@ -725,7 +802,7 @@ mod tests {
             t,
         )
         .unwrap();
-        e.update(2, progress(5), 0, t, encode).unwrap();
+        e.update("acme", 2, progress(5), 0, t, encode).unwrap();
         e.register(
             id,
             "acme/alice",
@@ -734,7 +811,7 @@ mod tests {
             t,
         )
         .unwrap();
-        e.update(3, progress(5), 0, t, encode).unwrap();
+        e.update("acme", 3, progress(5), 0, t, encode).unwrap();
         assert_eq!(
             e.register(
                 id,
@@ -746,20 +823,20 @@ mod tests {
             Err(EndpointError::TooManyRegistrations(id, 4))
         );
         assert_eq!(
-            e.update(4, progress(5), 0, t, encode),
+            e.update("acme", 4, progress(5), 0, t, encode),
             Err(EndpointError::TooManyTopics(3))
         );
         e.unregister(id, "acme/alice", Notification::Progress(2), t)
             .unwrap();
         e.unregister(id, "acme/alice", Notification::Progress(2), t)
             .unwrap();
-        assert_eq!(t.subscribers("endpoint:progress:2"), 0);
+        assert_eq!(t.subscribers("endpoint:acme:progress:2"), 0);
         // Topic 2 and 3 have nobody registered: they expire; topic 1 stays while registered.
         assert_eq!(e.expire(20_000, t), 2);
-        assert!(e.progress(1).is_ok());
+        assert!(e.progress("acme", 1).is_ok());
         e.close(id, t);
-        assert_eq!(t.subscribers("endpoint:progress:1"), 0);
-        assert_eq!(t.subscribers("endpoint:newProject"), 0);
+        assert_eq!(t.subscribers("endpoint:acme:progress:1"), 0);
+        assert_eq!(t.subscribers("endpoint:acme:newProject"), 0);
         assert!(e.endpoints.is_empty());
         assert_eq!(e.expire(20_000, t), 1);
     }

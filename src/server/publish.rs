@@ -64,9 +64,15 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let checked = match (bearer, credentials(&req)) {
-        (Some(key), _) => auth.check_publisher(key.trim()).map(|_| ()),
-        (None, Some((developer, key))) => auth.check_key(&developer, &key),
+    // Whose endpoint notifications this caller raises: the developer it is, or the one a
+    // publisher key is configured for (none: it raises none).
+    let checked: Result<Option<String>, _> = match (bearer, credentials(&req)) {
+        (Some(key), _) => auth
+            .check_publisher(key.trim())
+            .map(|id| auth.publisher_tenant(id).map(str::to_owned)),
+        (None, Some((developer, key))) => {
+            auth.check_key(&developer, &key).map(|()| Some(developer))
+        }
         (None, None) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -75,13 +81,16 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
             );
         }
     };
-    if let Err(e) = checked {
-        crate::metrics::handles().auth_failed(crate::metrics::AuthPlace::Publish, &e);
-        return error(
-            StatusCode::FORBIDDEN,
-            "unknown publisher or developer, or wrong key",
-        );
-    }
+    let tenant = match checked {
+        Ok(tenant) => tenant,
+        Err(e) => {
+            crate::metrics::handles().auth_failed(crate::metrics::AuthPlace::Publish, &e);
+            return error(
+                StatusCode::FORBIDDEN,
+                "unknown publisher or developer, or wrong key",
+            );
+        }
+    };
     let body = match read_body(req, MAX_BODY, &app).await {
         Ok(b) => b,
         Err(e) => return error(e.status(), &e.message(MAX_BODY)),
@@ -113,7 +122,14 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
                     .await;
             }
             Item::Endpoint(event) => {
-                if let Err(e) = notify(hub, event) {
+                let Some(tenant) = tenant.as_deref() else {
+                    let body = serde_json::json!({
+                        "error": "this publisher key raises no endpoint notifications: give it a developer",
+                        "message_ids": ids,
+                    });
+                    return json(StatusCode::FORBIDDEN, body.to_string());
+                };
+                if let Err(e) = notify(hub, tenant, event) {
                     // Messages before this one went out; say which.
                     let body = serde_json::json!({ "error": e.to_string(), "message_ids": ids });
                     return json(StatusCode::TOO_MANY_REQUESTS, body.to_string());
@@ -129,14 +145,14 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
     )
 }
 
-/// Raises one endpoint notification.
-fn notify(hub: &crate::hub::Hub, event: Event) -> Result<(), EndpointError> {
+/// Raises one of `tenant`'s endpoint notifications.
+fn notify(hub: &crate::hub::Hub, tenant: &str, event: Event) -> Result<(), EndpointError> {
     let (endpoints, topics) = (hub.endpoints(), hub.topics());
     let (what, push) = match event {
         Event::Progress { topic, update } => {
             let now = crate::hub::now_ms();
             return endpoints
-                .update(topic, update, now, topics, progress_push)
+                .update(tenant, topic, update, now, topics, progress_push)
                 .map(drop);
         }
         Event::NewRevision { poid, roid } => {
@@ -149,7 +165,7 @@ fn notify(hub: &crate::hub::Hub, event: Event) -> Result<(), EndpointError> {
         push,
     }
     .encode();
-    endpoints.event(what, body, topics);
+    endpoints.event(tenant, what, body, topics);
     Ok(())
 }
 

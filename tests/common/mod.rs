@@ -34,11 +34,13 @@ pub fn config(dir: &Path) -> Config {
                 id: DEV.into(),
                 api_key: Some(KEY.into()),
                 api_key_sha256: None,
+                developer: None,
             },
             DeveloperConfig {
                 id: DEV2.into(),
                 api_key: Some(KEY2.into()),
                 api_key_sha256: None,
+                developer: None,
             },
         ],
         ..Config::default()
