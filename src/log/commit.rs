@@ -12,8 +12,10 @@
 //! depends on the mode: in strict mode its readings were never dispatched and are dropped
 //! (their owners learn it from [`super::StreamLog::written`]); in fast mode they were, and
 //! stay in their tails to be written once the disk takes writes again. While the store
-//! cannot write, each timer tick probes the disk, so it becomes writable again without a
-//! restart once there is room.
+//! cannot write, each timer tick and each commit request probes the disk first (the failed
+//! commit's size and more), and nothing is written until a probe succeeds: a small commit
+//! that fits in the room the cut freed does not make a full disk look healthy. So the store
+//! becomes writable again without a restart once there is room.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -175,7 +177,14 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
         }
         waiters.extend(rx.try_iter());
         let was_writable = flush.writable.load(Ordering::Acquire);
-        let written = flush.write();
+        // A store that failed is writable again only once a probe shows room for the
+        // failed commit and more: a small commit that happens to fit in the space the cut
+        // freed must not make it look healthy while the disk is still full.
+        let written = if was_writable || flush.probe() {
+            flush.write()
+        } else {
+            flush.refuse()
+        };
         if written.is_err() {
             // Before anyone hears of it: a producer closed for this failure must find the
             // store unwritable (and /readyz 503) already.
@@ -274,6 +283,25 @@ impl Flush {
                 Err(e)
             }
         }
+    }
+
+    /// While the store cannot write: every pending tail is treated as a failed write (strict
+    /// mode drops its readings, fast mode keeps them for later), and nothing touches the disk.
+    fn refuse(&mut self) -> Result<(), LogError> {
+        self.shared.dirty.store(false, Ordering::Release);
+        self.tails = self.shared.take_pending();
+        self.through.clear();
+        self.reserves.clear();
+        self.written_at = None;
+        for (i, tail) in self.tails.iter().enumerate() {
+            if let Some(r) = tail.reserve.lock().take() {
+                self.reserves.push((i, r));
+            }
+            self.through
+                .push(tail.runs.lock().back().map(super::sled_store::Run::last));
+        }
+        self.failed();
+        Err(LogError::NotWritable)
     }
 
     /// Indexes what [`Flush::write`] wrote and lets the tails go of it. An index that fails

@@ -188,7 +188,7 @@ pub(super) struct Run {
 }
 
 impl Run {
-    fn last(&self) -> u64 {
+    pub(super) fn last(&self) -> u64 {
         self.first + self.frames.len() as u64 - 1
     }
 }
