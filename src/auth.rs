@@ -106,6 +106,8 @@ pub struct Auth {
     /// The developer each publisher and each static token acts for, by "publisher:<id>" and
     /// "token:<id>".
     acts_for: HashMap<String, String>,
+    /// STOMP destinations each may publish to, by developer id and "publisher:<id>".
+    grants: HashMap<String, Vec<String>>,
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
@@ -132,6 +134,7 @@ impl Auth {
             publishers: Vec::new(),
             endpoint_tokens: Vec::new(),
             acts_for: HashMap::new(),
+            grants: HashMap::new(),
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
@@ -164,6 +167,21 @@ impl Auth {
                 self.acts_for
                     .insert(format!("publisher:{}", p.id), dev.clone());
             }
+            let grants = p.prefixes.clone().unwrap_or_default();
+            self.grants.insert(format!("publisher:{}", p.id), grants);
+        }
+        self
+    }
+
+    /// What each developer may publish to: its own `prefixes`, else `default`.
+    pub fn with_developer_grants(
+        mut self,
+        developers: &[DeveloperConfig],
+        default: &[String],
+    ) -> Self {
+        for d in developers {
+            let grants = d.prefixes.clone().unwrap_or_else(|| default.to_vec());
+            self.grants.insert(d.id.clone(), grants);
         }
         self
     }
@@ -225,6 +243,14 @@ impl Auth {
             Some((developer, _)) => Arc::from(developer),
             None => Arc::from(self.acts_for.get(owner).map_or(owner, String::as_str)),
         }
+    }
+
+    /// Whether a developer (by id) or a publisher ("publisher:<id>") may publish to
+    /// `destination`. Anyone not configured may publish nowhere.
+    pub fn may_publish(&self, who: &str, destination: &str) -> bool {
+        self.grants
+            .get(who)
+            .is_some_and(|g| crate::config::granted(g, destination))
     }
 
     /// The developer a publisher raises endpoint notifications for, if configured.
@@ -499,6 +525,7 @@ pub fn load_or_create_demo(data_dir: &Path) -> std::io::Result<(DeveloperConfig,
                 api_key: Some(random_hex(24)),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             };
             let text = toml::to_string(&dev).expect("a developer always renders as TOML");
             write_private(&path, text.as_bytes())?;
@@ -599,12 +626,14 @@ mod tests {
                 api_key: Some("k1".into()),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             },
             DeveloperConfig {
                 id: "hashed".into(),
                 api_key: None,
                 api_key_sha256: Some(api_key_digest("k2")),
                 developer: None,
+                prefixes: None,
             },
         ];
         Auth::new(&devs, &[7u8; 32], ttl)
@@ -627,12 +656,14 @@ mod tests {
                 api_key: Some("pk".into()),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             },
             PublisherConfig {
                 id: "gym".into(),
                 api_key: None,
                 api_key_sha256: Some(api_key_digest("gk")),
                 developer: None,
+                prefixes: None,
             },
         ]);
         assert_eq!(a.check_publisher("pk"), Ok("chat"));
@@ -648,6 +679,7 @@ mod tests {
             api_key: Some("static-token".into()),
             api_key_sha256: None,
             developer: None,
+            prefixes: None,
         }]);
         assert_eq!(
             &*a.endpoint_owner("static-token").unwrap(),
@@ -752,6 +784,7 @@ mod tests {
                 api_key: Some("k1".into()),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             }],
             &[9u8; 32],
             60,

@@ -62,6 +62,19 @@ pub struct DeveloperConfig {
     /// sees that developer's progress topics and project events. Without it, neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub developer: Option<String>,
+    /// Developers and publishers only: the STOMP destinations it may publish to (through
+    /// `POST /api/publish`, and a developer's STOMP SEND): a prefix ending in `/`, or one
+    /// destination. Unset: `developer_publish_prefixes` for a developer, nothing for a
+    /// publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<Vec<String>>,
+}
+
+/// Whether `destination` is under one of `grants` (a prefix ending in `/`, or exactly it).
+pub fn granted(grants: &[String], destination: &str) -> bool {
+    grants.iter().any(|g| {
+        destination.starts_with(g.as_str()) && (g.ends_with('/') || destination.len() == g.len())
+    })
 }
 
 /// Who a STOMP rule admits: connections without a token, with a user (producer) token,
@@ -258,6 +271,9 @@ pub struct Config {
     /// Endpoints: static tokens accepted on `/stream` and `/json` beside sensorgate tokens.
     pub endpoint_tokens: Vec<EndpointTokenConfig>,
     /// Backends that may `POST /api/publish` with a key of their own.
+    /// The STOMP destinations a developer may publish to when its entry sets no
+    /// `prefixes` (prefixes ending in `/`, or single destinations).
+    pub developer_publish_prefixes: Vec<String>,
     pub publishers: Vec<PublisherConfig>,
     pub developers: Vec<DeveloperConfig>,
 }
@@ -314,6 +330,7 @@ impl Default for Config {
             endpoint_max_registrations: 1024,
             endpoint_idle_timeout_ms: 120_000,
             endpoint_tokens: Vec::new(),
+            developer_publish_prefixes: vec!["/topic/".into(), "/v1/topic/".into()],
             publishers: Vec::new(),
             developers: Vec::new(),
         }
@@ -659,6 +676,12 @@ impl Config {
         for (key, list) in keyed {
             let mut seen = std::collections::HashSet::new();
             for k in list {
+                if k.prefixes.is_some() && key == "endpoint_tokens" {
+                    return Err(invalid(
+                        key,
+                        format!("{:?}: `prefixes` is for developers and publishers", k.id),
+                    ));
+                }
                 match (&k.developer, key) {
                     (Some(_), "developers") => {
                         return Err(invalid(
@@ -980,6 +1003,7 @@ mod tests {
                     && !l.starts_with("token_secret")
                     && !l.starts_with("admin_listen")
                     && !l.starts_with("developer ")
+                    && !l.starts_with("prefixes ")
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -1017,6 +1041,7 @@ mod tests {
             api_key: Some("hunter2".into()),
             api_key_sha256: None,
             developer: None,
+            prefixes: None,
         });
         let shown = c.to_toml_masked();
         assert!(

@@ -99,6 +99,7 @@ impl Server {
         let auth = Arc::new(
             auth::Auth::new(&developers, &secret, config.token_ttl_s)
                 .with_publishers(&config.publishers)
+                .with_developer_grants(&developers, &config.developer_publish_prefixes)
                 .with_endpoint_tokens(&config.endpoint_tokens)
                 .with_journal(&config.data_dir.join(auth::REDEEMED_DIR))
                 .map_err(dir_err)?,

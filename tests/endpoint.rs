@@ -22,6 +22,7 @@ async fn server() -> TestServer {
             api_key: Some(STATIC_TOKEN.into()),
             api_key_sha256: None,
             developer: None,
+            prefixes: None,
         }];
         // Long enough that no progress-only update gets through by timing in these tests.
         c.endpoint_progress_interval_ms = 3_600_000;

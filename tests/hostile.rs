@@ -523,3 +523,93 @@ async fn tenants_do_not_see_each_others_progress_or_projects() {
         "another developer's project reached globex"
     );
 }
+
+/// A developer or publisher key publishes only under the prefixes its configuration grants:
+/// a developer's default is `developer_publish_prefixes`, a publisher's is nothing. Past
+/// them, `POST /api/publish` answers 403 with nothing published, and a developer's STOMP
+/// SEND gets ERROR `forbidden`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_publish_only_where_they_are_granted() {
+    let srv = TestServer::start_with(|c| {
+        c.developers[1].prefixes = Some(vec!["/topic/globex/".into()]);
+        c.publishers = vec![
+            DeveloperConfig {
+                id: "gym".into(),
+                api_key: Some("gym-key".into()),
+                prefixes: Some(vec!["/topic/workout/record".into()]),
+                ..Default::default()
+            },
+            DeveloperConfig {
+                id: "nothing".into(),
+                api_key: Some("nothing-key".into()),
+                ..Default::default()
+            },
+        ];
+    })
+    .await;
+    let (mut sub, _) = Stomp::connected(&srv, "accept-version:1.2\n").await;
+    sub.subscribe("0", "/topic/workout/record").await;
+    let post = |auth: Vec<(&'static str, &'static str)>, destination: &'static str| {
+        let srv_addr = srv.addr;
+        async move {
+            let body = serde_json::json!({"messages": [
+                {"destination": "/topic/globex/ok", "data": 1},
+                {"destination": destination, "data": 2},
+            ]});
+            http_with_body(srv_addr, "POST", "/api/publish", &auth, &body.to_string()).await
+        }
+    };
+    // globex (prefixes /topic/globex/) may not write the gym's feed: 403, nothing sent.
+    let (status, text) = post(
+        vec![("dev-id", DEV2), ("x-api-key", KEY2)],
+        "/topic/workout/record",
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("not granted: /topic/workout/record"),
+        "{text}"
+    );
+    // The gym's key may publish exactly its feed; a key with no prefixes, nothing.
+    let gym = vec![("Authorization", "Bearer gym-key")];
+    let body = serde_json::json!({"destination": "/topic/workout/record", "data": {"id": 1}});
+    let (status, text) =
+        http_with_body(srv.addr, "POST", "/api/publish", &gym, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let nothing = vec![("Authorization", "Bearer nothing-key")];
+    let (status, _) = http_with_body(
+        srv.addr,
+        "POST",
+        "/api/publish",
+        &nothing,
+        &body.to_string(),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // acme keeps the default (/topic/, /v1/topic/).
+    let acme = vec![("dev-id", DEV), ("x-api-key", KEY)];
+    let (status, text) =
+        http_with_body(srv.addr, "POST", "/api/publish", &acme, &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(sub.message_body().await, r#"{"id":1}"#);
+    assert_eq!(
+        sub.message_body().await,
+        r#"{"id":1}"#,
+        "the gym's, then acme's"
+    );
+    // Over STOMP, globex's developer token may SEND under its prefix only.
+    let token = token(srv.addr, "/auth/developer", DEV2, KEY2).await;
+    let headers = format!("accept-version:1.2\npasscode:{token}\n");
+    let (mut globex, _) = Stomp::connected(&srv, &headers).await;
+    globex
+        .send_synced("SEND\ndestination:/topic/globex/news\n\nok\0", "ok")
+        .await;
+    globex
+        .send("SEND\ndestination:/topic/workout/record\n\nforged\0")
+        .await;
+    let error = globex.frame().await;
+    assert!(
+        error.contains("forbidden: SEND to /topic/workout/record"),
+        "{error:?}"
+    );
+}

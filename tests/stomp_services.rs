@@ -160,6 +160,8 @@ async fn heartbeat_ticks_and_a_publisher_key_raises_chat_events() {
             api_key: Some("chat-backend-key".into()),
             api_key_sha256: None,
             developer: None,
+            // The conversations are the chat backend's: all it may publish to.
+            prefixes: Some(vec!["/v1/topic/conversation/".into()]),
         }];
     })
     .await;

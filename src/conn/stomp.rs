@@ -867,7 +867,14 @@ impl State {
             Op::Subscribe => r.subscribe.contains(&self.principal),
             Op::Send => r.send.contains(&self.principal),
         });
-        if !allowed {
+        // A developer publishes only under the prefixes its configuration grants it.
+        let granted = match (op, &target, &self.developer) {
+            (Op::Send, Target::Topic, Some(developer)) => {
+                self.ctx.auth.may_publish(developer, destination)
+            }
+            _ => true,
+        };
+        if !allowed || !granted {
             let message = format!("forbidden: {verb} to {destination}");
             self.error(out, StompError::Forbidden, &message, receipt.clone());
             return Err(CloseCode::Protocol.into());

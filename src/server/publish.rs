@@ -66,13 +66,16 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         .and_then(|v| v.strip_prefix("Bearer "));
     // Whose endpoint notifications this caller raises: the developer it is, or the one a
     // publisher key is configured for (none: it raises none).
-    let checked: Result<Option<String>, _> = match (bearer, credentials(&req)) {
-        (Some(key), _) => auth
-            .check_publisher(key.trim())
-            .map(|id| auth.publisher_tenant(id).map(str::to_owned)),
-        (None, Some((developer, key))) => {
-            auth.check_key(&developer, &key).map(|()| Some(developer))
-        }
+    // Who is publishing (a developer id, or "publisher:<id>", for its grants), and whose
+    // endpoint notifications it raises.
+    let checked: Result<(String, Option<String>), _> = match (bearer, credentials(&req)) {
+        (Some(key), _) => auth.check_publisher(key.trim()).map(|id| {
+            let tenant = auth.publisher_tenant(id).map(str::to_owned);
+            (format!("publisher:{id}"), tenant)
+        }),
+        (None, Some((developer, key))) => auth
+            .check_key(&developer, &key)
+            .map(|()| (developer.clone(), Some(developer))),
         (None, None) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -81,8 +84,8 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
             );
         }
     };
-    let tenant = match checked {
-        Ok(tenant) => tenant,
+    let (who, tenant) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             crate::metrics::handles().auth_failed(crate::metrics::AuthPlace::Publish, &e);
             return error(
@@ -100,6 +103,16 @@ pub(super) async fn publish(req: Request<Incoming>, app: Arc<App>) -> Response<B
         Ok(m) => m,
         Err(why) => return error(StatusCode::BAD_REQUEST, &why),
     };
+    // All or nothing: a message outside the caller's grants refuses the whole request.
+    if let Some(refused) = messages.iter().find_map(|item| match item {
+        Item::Topic(destination, ..) if !auth.may_publish(&who, destination) => Some(destination),
+        _ => None,
+    }) {
+        return error(
+            StatusCode::FORBIDDEN,
+            &format!("not granted: {refused} is outside this key's prefixes"),
+        );
+    }
     let hub = &app.ctx.hub;
     let topics = hub.topics();
     let mut ids = Vec::with_capacity(messages.len());

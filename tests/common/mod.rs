@@ -35,12 +35,14 @@ pub fn config(dir: &Path) -> Config {
                 api_key: Some(KEY.into()),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             },
             DeveloperConfig {
                 id: DEV2.into(),
                 api_key: Some(KEY2.into()),
                 api_key_sha256: None,
                 developer: None,
+                prefixes: None,
             },
         ],
         ..Config::default()
