@@ -438,25 +438,24 @@ impl Config {
         let array =
             |key: &str, raw: &str| File::from_str(&format!("{key} = {raw}"), FileFormat::Toml);
         // Each variable alone over the defaults: a bad one is named.
-        for key in scalars.keys() {
-            config::Config::builder()
-                .add_source(environment(Some(key)))
+        let alone = |key: &str, builder: config::ConfigBuilder<config::builder::DefaultState>| {
+            builder
                 .build()
                 .and_then(|c| c.try_deserialize::<Config>())
+                .map(drop)
                 .map_err(|e| ConfigError::Env {
                     var: env_var(key),
                     message: one_line(&e.to_string()),
-                })?;
+                })
+        };
+        for key in scalars.keys() {
+            alone(
+                key,
+                config::Config::builder().add_source(environment(Some(key))),
+            )?;
         }
         for (key, raw) in &arrays {
-            config::Config::builder()
-                .add_source(array(key, raw))
-                .build()
-                .and_then(|c| c.try_deserialize::<Config>())
-                .map_err(|e| ConfigError::Env {
-                    var: env_var(key),
-                    message: one_line(&e.to_string()),
-                })?;
+            alone(key, config::Config::builder().add_source(array(key, raw)))?;
         }
         let mut builder = config::Config::builder();
         if let Some(path) = file {
