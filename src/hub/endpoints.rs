@@ -572,15 +572,25 @@ mod tests {
             max_registrations: 4,
         });
         let topics = Topics::new();
+        let (id, rx) = open(&e, 9, "acme/alice", "acme");
+        (e, topics, id, rx)
+    }
+
+    /// An endpoint of `owner`, seeing `tenant`'s notifications, on connection `conn`.
+    fn open(
+        e: &Endpoints,
+        conn: u64,
+        owner: &str,
+        tenant: &str,
+    ) -> (u64, mpsc::UnboundedReceiver<crate::hub::TopicDelivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let inbox = Inbox {
-            conn: 9,
+            conn,
             tx,
             outbox: Outbox::new(100, 1 << 20),
             kick: Kick::new(),
         };
-        let id = e.open(Arc::from("acme/alice"), Arc::from("acme"), inbox);
-        (e, topics, id, rx)
+        (e.open(Arc::from(owner), Arc::from(tenant), inbox), rx)
     }
 
     fn progress(p: i32) -> ProgressUpdate {
@@ -603,14 +613,7 @@ mod tests {
     fn tenants_do_not_see_each_others_topics_or_events() {
         let (e, topics, acme, mut acme_rx) = setup();
         let t = &topics;
-        let (tx, mut globex_rx) = mpsc::unbounded_channel();
-        let inbox = Inbox {
-            conn: 10,
-            tx,
-            outbox: Outbox::new(100, 1 << 20),
-            kick: Kick::new(),
-        };
-        let globex = e.open(Arc::from("globex/bob"), Arc::from("globex"), inbox);
+        let (globex, mut globex_rx) = open(&e, 10, "globex/bob", "globex");
         e.update("acme", 7, progress(10), 1_000, t, encode).unwrap();
         assert_eq!(e.progress("acme", 7).unwrap().progress, 10);
         assert_eq!(e.progress("globex", 7), Err(EndpointError::NoTopic(7)));
