@@ -276,6 +276,123 @@ pub struct Config {
     pub developer_publish_prefixes: Vec<String>,
     pub publishers: Vec<PublisherConfig>,
     pub developers: Vec<DeveloperConfig>,
+    /// Cluster mode: several nodes share one set of streams on NATS JetStream. Absent: the
+    /// embedded store (sled under `data_dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: the NATS JetStream the nodes share (README, "Cluster").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The NATS servers to connect to (`nats://127.0.0.1:4222`); the client fails over
+    /// between them and the servers they announce.
+    pub nats_urls: Vec<String>,
+    /// This node's name in the cluster (connection ownership, logs, metrics). Default:
+    /// generated on first start and kept in `data_dir/node-id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Replicas of each developer's JetStream stream (1, 3 or 5; 3 survives one lost server).
+    pub stream_replicas: usize,
+    /// NATS credentials: user and password, a token, or a `.creds` file (JWT + NKey).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creds_file: Option<PathBuf>,
+    /// Time to reach a NATS server at start.
+    pub connect_timeout_ms: u64,
+    /// Time one JetStream request (a publish's ack, a stream lookup, a read) may take.
+    pub request_timeout_ms: u64,
+    /// How long a stream keeps retrying readings JetStream did not acknowledge (a server
+    /// lost, a leader being elected) before it gives up: its producers then get 1011 and
+    /// nothing of what was not acknowledged is ever dispatched.
+    pub publish_retry_ms: u64,
+    /// Publishes one stream may have waiting for their ack; past it the stream's queue
+    /// fills and producers are pushed back.
+    pub max_acks_pending: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            node_id: None,
+            stream_replicas: 3,
+            user: None,
+            password: None,
+            token: None,
+            creds_file: None,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+            publish_retry_ms: 10_000,
+            max_acks_pending: 4096,
+        }
+    }
+}
+
+impl ClusterConfig {
+    fn validate(&self, config: &Config) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.nats_urls.is_empty() {
+            return invalid("cluster.nats_urls", "name at least one NATS server".into());
+        }
+        if ![1, 3, 5].contains(&self.stream_replicas) {
+            return invalid("cluster.stream_replicas", "must be 1, 3 or 5".into());
+        }
+        for (key, value) in [
+            ("cluster.connect_timeout_ms", self.connect_timeout_ms),
+            ("cluster.request_timeout_ms", self.request_timeout_ms),
+            ("cluster.publish_retry_ms", self.publish_retry_ms),
+            ("cluster.max_acks_pending", self.max_acks_pending as u64),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        if let Some(id) = self.node_id.as_deref().filter(|id| !nats_safe(id)) {
+            return invalid(
+                "cluster.node_id",
+                format!("{id:?}: use letters, digits, '_' and '-'"),
+            );
+        }
+        // Every node must accept the others' tokens and know the same developers: a
+        // secret or a demo developer made up per node would split the cluster.
+        if config.token_secret.is_none() {
+            return invalid(
+                "token_secret",
+                "cluster mode needs the same token_secret on every node".into(),
+            );
+        }
+        if config.developers.is_empty() {
+            return invalid(
+                "developers",
+                "cluster mode needs the developers configured (the same on every node)".into(),
+            );
+        }
+        if let Some(d) = config.developers.iter().find(|d| !nats_safe(&d.id)) {
+            return invalid(
+                "developers",
+                format!(
+                    "id {:?}: in cluster mode an id names a NATS subject; use letters, digits, '_' and '-'",
+                    d.id
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Whether `id` can name a NATS subject token and a JetStream stream as it is.
+pub fn nats_safe(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Default for Config {
@@ -333,6 +450,7 @@ impl Default for Config {
             developer_publish_prefixes: vec!["/topic/".into(), "/v1/topic/".into()],
             publishers: Vec::new(),
             developers: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -354,19 +472,26 @@ fn env_var(key: &str) -> String {
     format!("SENSORGATE_{}", key.to_ascii_uppercase())
 }
 
-/// Every key of the schema, with whether it holds a list: the default configuration
-/// serialized (the optional secret set so that it appears).
+/// Every key of the schema, with whether it holds a list or a table (given as TOML in the
+/// environment): the default configuration serialized (the optional keys set so that they
+/// appear).
 fn schema() -> Vec<(String, bool)> {
     let all = Config {
         token_secret: Some(String::new()),
         admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        cluster: Some(ClusterConfig::default()),
         ..Config::default()
     };
     let table: toml::Table = toml::from_str(&toml::to_string(&all).expect("the schema serializes"))
         .expect("the schema parses back");
     table
         .into_iter()
-        .map(|(k, v)| (k, matches!(v, toml::Value::Array(_))))
+        .map(|(k, v)| {
+            (
+                k,
+                matches!(v, toml::Value::Array(_) | toml::Value::Table(_)),
+            )
+        })
         .collect()
 }
 
@@ -395,8 +520,9 @@ impl Config {
     /// The layering is config-rs's: every value is converted to the type the schema gives
     /// its key, whichever layer it comes from. From the environment, a list is written
     /// comma-separated (`a,b`) or as a TOML array (`["a","b"]`, and so lists of tables such
-    /// as `[{id="d", api_key="k"}]`). Each variable is checked on its own first, so an error
-    /// names the variable, never the file.
+    /// as `[{id="d", api_key="k"}]`), a table as an inline TOML table
+    /// (`SENSORGATE_CLUSTER='{nats_urls=["nats://n1:4222"]}'`). Each variable is checked on
+    /// its own first, so an error names the variable, never the file.
     pub fn load_with_env(
         file: Option<&Path>,
         flags: &Overrides,
@@ -411,7 +537,7 @@ impl Config {
             };
             if !list {
                 scalars.insert(key, raw);
-            } else if raw.trim_start().starts_with('[') {
+            } else if raw.trim_start().starts_with(['[', '{']) {
                 arrays.push((key, raw));
             } else {
                 let items = raw
@@ -656,6 +782,9 @@ impl Config {
                 format!("{context:?}: must be empty or like \"/bimserver\" (a leading '/', no trailing one)"),
             ));
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self)?;
+        }
         if self.max_frame_bytes < 256 {
             return Err(invalid("max_frame_bytes", "must be at least 256"));
         }
@@ -750,6 +879,13 @@ impl Config {
         {
             if key.api_key.is_some() {
                 key.api_key = Some("<set>".into());
+            }
+        }
+        if let Some(c) = &mut shown.cluster {
+            for secret in [&mut c.password, &mut c.token] {
+                if secret.is_some() {
+                    *secret = Some("<set>".into());
+                }
             }
         }
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))

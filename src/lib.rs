@@ -106,12 +106,35 @@ impl Server {
         );
         metrics::handles();
 
-        let store = log::SledStore::open(
-            &config.data_dir.join("store"),
-            config.durability,
-            Duration::from_millis(config.fast_flush_interval_ms),
-        )?;
-        let hub = hub::Hub::new(Arc::new(store), hub::HubConfig::from(&config));
+        let hub = match &config.cluster {
+            None => {
+                let store = log::SledStore::open(
+                    &config.data_dir.join("store"),
+                    config.durability,
+                    Duration::from_millis(config.fast_flush_interval_ms),
+                )?;
+                hub::Hub::new(Arc::new(store), hub::HubConfig::from(&config))
+            }
+            Some(cluster) => {
+                let node_id = match &cluster.node_id {
+                    Some(id) => id.clone(),
+                    None => load_or_create_node_id(&config.data_dir).map_err(dir_err)?,
+                };
+                let retention = log::jetstream::Retention {
+                    max_age_s: config.retention_max_age_s,
+                    max_per_stream: config.retention_max_per_stream,
+                };
+                let js = log::jetstream::JetStream::connect(cluster, &node_id, retention).await?;
+                tracing::info!(node = %node_id, nats = ?cluster.nats_urls, replicas = cluster.stream_replicas, "cluster mode: streams on JetStream");
+                let link = hub::cluster::Cluster::new(
+                    js,
+                    node_id,
+                    Duration::from_millis(cluster.publish_retry_ms),
+                    cluster.max_acks_pending,
+                );
+                hub::Hub::cluster(Arc::new(link), hub::HubConfig::from(&config))
+            }
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -199,6 +222,28 @@ impl Server {
         }
         self.stop().await
     }
+}
+
+/// This node's cluster id: kept in `data_dir/node-id`, made up on first start.
+fn load_or_create_node_id(dir: &std::path::Path) -> std::io::Result<String> {
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if config::nats_safe(id.trim()) => return Ok(id.trim().to_owned()),
+        Ok(_) => {
+            return Err(std::io::Error::other(format!(
+                "{} does not hold a node id (letters, digits, '_', '-')",
+                path.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let id = format!("node-{id}");
+    std::fs::write(&path, &id)?;
+    Ok(id)
 }
 
 async fn run(

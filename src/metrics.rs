@@ -68,6 +68,19 @@ pub const ENDPOINT_PUSHES: &str = "sensorgate_endpoint_pushes_total";
 pub const ENDPOINT_CALLS: &str = "sensorgate_endpoint_calls_total";
 pub const PROGRESS_TOPICS: &str = "sensorgate_progress_topics";
 pub const PROGRESS_UPDATES: &str = "sensorgate_progress_updates_total";
+/// Cluster mode: a SUBMIT's publish to JetStream until its ack.
+pub const JS_PUBLISH_SECONDS: &str = "sensorgate_jetstream_publish_seconds";
+/// Cluster mode: publishes sent and not yet acknowledged, all streams of the node.
+pub const JS_ACKS_PENDING: &str = "sensorgate_jetstream_acks_pending";
+/// Cluster mode: publishes sent again after JetStream did not acknowledge them.
+pub const JS_RETRIES: &str = "sensorgate_jetstream_publish_retries_total";
+/// Cluster mode: NATS connection events, by event (connected, disconnected, ...).
+pub const JS_EVENTS: &str = "sensorgate_nats_events_total";
+/// Cluster mode: 1 while the node has a NATS connection.
+pub const JS_CONNECTED: &str = "sensorgate_nats_connected";
+/// Cluster mode: key-value operations (tokens, connection owners, consumer counts), by
+/// operation and result.
+pub const KV_OPERATIONS: &str = "sensorgate_kv_operations_total";
 
 /// Notification methods pushed to endpoints, the `method` label of [`ENDPOINT_PUSHES`].
 pub const PUSH_METHODS: [&str; 3] = ["progress", "newRevision", "newProject"];
@@ -236,6 +249,10 @@ pub struct Handles {
     pub progress_topics: Gauge,
     /// Progress updates by what the throttle did ([`PROGRESS_OUTCOMES`]).
     pub progress_updates: [Counter; 3],
+    pub js_publish_seconds: Histogram,
+    pub js_acks_pending: Gauge,
+    pub js_retries: Counter,
+    pub js_connected: Gauge,
 }
 
 /// Which connection gauge: not yet identified, user (producer), developer (consumer).
@@ -262,6 +279,9 @@ pub fn install() -> &'static PrometheusHandle {
         PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(DISPATCH_LATENCY.into()), &latency)
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(FSYNC_SECONDS.into()), &latency))
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(JS_PUBLISH_SECONDS.into()), &latency)
+            })
             .and_then(|b| b.set_buckets_for_metric(Matcher::Full(COMMIT_READINGS.into()), &sizes))
             .and_then(|b| b.install_recorder())
             .expect("the Prometheus recorder is installed once, with valid buckets")
@@ -320,6 +340,10 @@ pub fn handles() -> &'static Handles {
             progress_topics: metrics::gauge!(PROGRESS_TOPICS),
             progress_updates: PROGRESS_OUTCOMES
                 .map(|o| metrics::counter!(PROGRESS_UPDATES, "outcome" => o)),
+            js_publish_seconds: metrics::histogram!(JS_PUBLISH_SECONDS),
+            js_acks_pending: metrics::gauge!(JS_ACKS_PENDING),
+            js_retries: metrics::counter!(JS_RETRIES),
+            js_connected: metrics::gauge!(JS_CONNECTED),
         }
     })
 }
@@ -393,6 +417,25 @@ fn describe() {
         "JSON API calls (POST /json and over /stream), by method and outcome"
     );
     describe_gauge!(PROGRESS_TOPICS, "Progress topics held");
+    describe_histogram!(
+        JS_PUBLISH_SECONDS,
+        Unit::Seconds,
+        "Cluster mode: a reading's publish to JetStream until its ack"
+    );
+    describe_gauge!(
+        JS_ACKS_PENDING,
+        "Cluster mode: publishes waiting for their JetStream ack"
+    );
+    describe_counter!(
+        JS_RETRIES,
+        "Cluster mode: publishes sent again after JetStream did not acknowledge them"
+    );
+    describe_counter!(JS_EVENTS, "Cluster mode: NATS connection events, by event");
+    describe_gauge!(JS_CONNECTED, "Cluster mode: 1 while connected to NATS");
+    describe_counter!(
+        KV_OPERATIONS,
+        "Cluster mode: key-value operations, by operation and result"
+    );
     describe_counter!(
         PROGRESS_UPDATES,
         "Progress updates from backends, by what the throttle did with them"
@@ -415,6 +458,16 @@ impl Handles {
             self.closes[i].increment(1);
         }
     }
+}
+
+/// Counts a NATS connection event (the `event` label: a closed set).
+pub fn nats_event(event: &'static str) {
+    metrics::counter!(JS_EVENTS, "event" => event).increment(1);
+}
+
+/// Counts a key-value operation (`op` and `result` from closed sets in `log::cluster`).
+pub fn kv_operation(op: &'static str, result: &'static str) {
+    metrics::counter!(KV_OPERATIONS, "op" => op, "result" => result).increment(1);
 }
 
 /// Renders the scrape, refreshing the gauges that are sampled rather than maintained.

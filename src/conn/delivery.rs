@@ -11,8 +11,7 @@
 //! takes live batches again, skipping what it already sent. In seq order, with no gap and no
 //! duplicate, and with no more memory than the outbox bound plus one step.
 //!
-//! Log reads run on tokio's blocking pool, one step at a time: a REPLAY of old readings
-//! that misses the page cache must not stall an async worker and every connection on it.
+//! Log reads run off the async workers, one step at a time (see `StreamHandle::read`).
 //!
 //! Writes frames into the connection's buffer and never touches the socket; must not decide
 //! protocol questions (the session does) or read past the durable mark (the stream handle
@@ -101,7 +100,7 @@ pub struct Delivery {
     reading: Option<Read>,
 }
 
-/// A log read on the blocking pool, for readings `after < seq < before`.
+/// A log read off the async worker, for readings `after < seq < before`.
 struct Read {
     after: u64,
     before: u64,
@@ -124,18 +123,10 @@ fn poll_read(
     {
         *reading = None;
     }
-    let read = reading.get_or_insert_with(|| {
-        let mut buf = std::mem::take(entries);
-        buf.clear();
-        let stream = stream.clone();
-        Read {
-            after,
-            before,
-            task: tokio::task::spawn_blocking(move || {
-                let result = stream.read(after, before, limit, &mut buf);
-                (buf, result)
-            }),
-        }
+    let read = reading.get_or_insert_with(|| Read {
+        after,
+        before,
+        task: stream.read(after, before, limit, std::mem::take(entries)),
     });
     let done = ready!(Pin::new(&mut read.task).poll(cx));
     *reading = None;
@@ -250,6 +241,11 @@ impl Delivery {
                     limit,
                 );
                 ready!(read).map_err(read_failed)?;
+                if c.owed && c.next < c.stream.first_seq() {
+                    // Retention took what was owed while it was being read (JetStream
+                    // learns its first seq from the read itself).
+                    return Poll::Ready(Err(CloseCode::BehindRetention));
+                }
                 if let Some(last) = self.entries.last() {
                     c.next = last.seq + 1;
                     c.owed = true;

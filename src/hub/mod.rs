@@ -15,6 +15,7 @@
 //! inbox is full is kicked with [`KickReason::TooSlow`] (close 4009) and the rest carry on.
 
 pub mod chat;
+pub mod cluster;
 pub mod endpoints;
 mod sessions;
 mod stream;
@@ -94,8 +95,16 @@ pub struct Hub {
     inner: Arc<Inner>,
 }
 
+/// Where the streams live.
+enum Backend {
+    /// The embedded store: this node assigns seqs.
+    Embedded(Arc<dyn Store>),
+    /// JetStream, shared by every node of the cluster.
+    Cluster(Arc<cluster::Cluster>),
+}
+
 struct Inner {
-    store: Arc<dyn Store>,
+    backend: Backend,
     streams: DashMap<Arc<str>, StreamHandle>,
     sessions: Sessions,
     topics: Topics,
@@ -106,10 +115,20 @@ struct Inner {
 }
 
 impl Hub {
+    /// A hub on the embedded store.
     pub fn new(store: Arc<dyn Store>, config: HubConfig) -> Self {
+        Self::with(Backend::Embedded(store), config)
+    }
+
+    /// A hub whose streams live on JetStream (cluster mode).
+    pub fn cluster(cluster: Arc<cluster::Cluster>, config: HubConfig) -> Self {
+        Self::with(Backend::Cluster(cluster), config)
+    }
+
+    fn with(backend: Backend, config: HubConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
-                store,
+                backend,
                 streams: DashMap::new(),
                 sessions: Sessions::new(config.max_consumers_per_developer),
                 topics: Topics::new(),
@@ -147,9 +166,21 @@ impl Hub {
         &self.inner.endpoints
     }
 
-    /// False while the store cannot write (disk full, I/O error): `/readyz` answers 503.
+    /// False while the store cannot write (disk full, I/O error; in cluster mode, no NATS
+    /// connection): `/readyz` answers 503.
     pub fn store_writable(&self) -> bool {
-        self.inner.store.writable()
+        match &self.inner.backend {
+            Backend::Embedded(store) => store.writable(),
+            Backend::Cluster(c) => c.js.connected(),
+        }
+    }
+
+    /// The cluster, in cluster mode.
+    pub fn cluster_link(&self) -> Option<&Arc<cluster::Cluster>> {
+        match &self.inner.backend {
+            Backend::Embedded(_) => None,
+            Backend::Cluster(c) => Some(c),
+        }
     }
 
     /// A new outbox bound for one consumer.
@@ -174,25 +205,55 @@ impl Hub {
         let handle = match self.inner.streams.entry(key.clone()) {
             dashmap::Entry::Occupied(e) => e.get().clone(),
             dashmap::Entry::Vacant(v) => {
-                let log = self.inner.store.open_stream(id)?;
-                let recovered = log.recover()?;
                 let (tx, rx) = mpsc::channel(self.inner.config.publish_queue_max);
-                let shared = Arc::new(stream::Shared {
-                    id: key,
-                    log,
-                    durable: AtomicU64::new(recovered.next_seq - 1),
-                    failed_until_ms: AtomicU64::new(0),
-                });
-                let owner = stream::Owner {
-                    rx,
-                    shared: shared.clone(),
-                    store: self.inner.store.clone(),
-                    durability: self.inner.config.durability,
-                    batch_max: self.inner.config.commit_batch_max,
-                    next: recovered.next_seq,
+                let batch_max = self.inner.config.commit_batch_max;
+                let shared = match &self.inner.backend {
+                    Backend::Embedded(store) => {
+                        let log = store.open_stream(id)?;
+                        let recovered = log.recover()?;
+                        let shared = Arc::new(stream::Shared {
+                            id: key,
+                            source: stream::Source::Local(log.clone()),
+                            durable: AtomicU64::new(recovered.next_seq - 1),
+                            failed_until_ms: AtomicU64::new(0),
+                        });
+                        let owner = stream::Owner {
+                            rx,
+                            shared: shared.clone(),
+                            log,
+                            store: store.clone(),
+                            durability: self.inner.config.durability,
+                            batch_max,
+                            next: recovered.next_seq,
+                        };
+                        tracing::debug!(
+                            stream = id,
+                            next_seq = recovered.next_seq,
+                            "stream opened"
+                        );
+                        self.inner.owners.spawn(owner.run());
+                        shared
+                    }
+                    Backend::Cluster(cluster) => {
+                        let shared = Arc::new(stream::Shared {
+                            id: key,
+                            source: stream::Source::Cluster {
+                                stream: std::sync::OnceLock::new(),
+                                first: AtomicU64::new(0),
+                            },
+                            durable: AtomicU64::new(0),
+                            failed_until_ms: AtomicU64::new(0),
+                        });
+                        let owner = cluster::ClusterOwner {
+                            rx,
+                            shared: shared.clone(),
+                            cluster: cluster.clone(),
+                            batch_max,
+                        };
+                        self.inner.owners.spawn(owner.run());
+                        shared
+                    }
                 };
-                tracing::debug!(stream = id, next_seq = recovered.next_seq, "stream opened");
-                self.inner.owners.spawn(owner.run());
                 crate::metrics::handles().streams.increment(1.0);
                 v.insert(StreamHandle { tx, shared }).clone()
             }
@@ -212,9 +273,13 @@ impl Hub {
         } else {
             now_ms.saturating_sub(c.retention_max_age_s * 1000)
         };
+        // JetStream applies the same limits itself (max_age, max_msgs).
+        let Backend::Embedded(store) = &self.inner.backend else {
+            return Ok(0);
+        };
         let mut removed = 0;
-        for name in self.inner.store.stream_names() {
-            let log = self.inner.store.open_stream(&name)?;
+        for name in store.stream_names() {
+            let log = store.open_stream(&name)?;
             removed += log.trim(c.retention_max_per_stream, older_than)?;
         }
         if removed > 0 {
@@ -231,10 +296,15 @@ impl Hub {
         self.inner.owners.close();
         self.inner.streams.clear();
         self.inner.owners.wait().await;
-        let store = self.inner.store.clone();
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .map_err(|_| HubError::Closed)??;
+        match &self.inner.backend {
+            Backend::Embedded(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || store.close())
+                    .await
+                    .map_err(|_| HubError::Closed)??;
+            }
+            Backend::Cluster(c) => c.js.close().await,
+        }
         Ok(())
     }
 }

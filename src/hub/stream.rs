@@ -22,19 +22,21 @@
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::types::{Batch, Kick, Outbox, Publish};
 use super::HubError;
 use crate::config::Durability;
+use crate::log::jetstream::JsStream;
 use crate::log::{Entry, LogError, ReadLimit, Store, StreamLog};
 
 /// Seqs reserved at a time in fast durability; one extra flush per block.
 const SEQ_BLOCK: u64 = 1 << 16;
 /// How long publishes are refused after a store failure before the owner tries again.
-const FAILED_BACKOFF_MS: u64 = 1000;
+pub(super) const FAILED_BACKOFF_MS: u64 = 1000;
 
 /// A consumer connection as the owner sees it.
 pub struct Subscriber {
@@ -49,7 +51,7 @@ impl Subscriber {
     /// connection catches up from the log) and skips it until the connection clears the
     /// mark. Nothing is dropped: every skipped batch is in the log below the durable mark.
     /// False only when the subscriber is gone (kicked or disconnected).
-    fn offer(&self, batch: &Arc<Batch>) -> bool {
+    pub(super) fn offer(&self, batch: &Arc<Batch>) -> bool {
         if self.kick.is_kicked() {
             return false;
         }
@@ -92,11 +94,23 @@ pub(super) enum Command {
 
 pub(super) struct Shared {
     pub id: Arc<str>,
-    pub log: Arc<dyn StreamLog>,
+    pub source: Source,
     /// The durable mark (see the module doc): raised by the owner before it dispatches.
     pub durable: AtomicU64,
     /// Unix ms until which publishes are refused after a store failure.
     pub failed_until_ms: AtomicU64,
+}
+
+/// Where a stream's readings are read back from.
+pub(super) enum Source {
+    /// The embedded store.
+    Local(Arc<dyn StreamLog>),
+    /// The stream's JetStream stream, once its owner has opened it (before that nobody has
+    /// subscribed, so nobody reads), and the lowest seq it was last seen to keep.
+    Cluster {
+        stream: OnceLock<Arc<JsStream>>,
+        first: AtomicU64,
+    },
 }
 
 /// A cheap handle on a stream: publish, subscribe, read its log.
@@ -155,23 +169,47 @@ impl StreamHandle {
     }
 
     /// Reads stored readings with `after < seq < before`, up to `limit`, never past the
-    /// durable mark: the one way anything reads the stream.
+    /// durable mark, into `out` (cleared first) and hands it back: the one way anything
+    /// reads the stream. Runs off the async workers: the embedded store on the blocking
+    /// pool (a read that misses the page cache must not stall every connection on a
+    /// worker), JetStream as a task of its own.
     pub fn read(
         &self,
         after: u64,
         before: u64,
         limit: ReadLimit,
-        out: &mut Vec<Entry>,
-    ) -> Result<(), HubError> {
+        mut out: Vec<Entry>,
+    ) -> JoinHandle<(Vec<Entry>, Result<(), HubError>)> {
+        out.clear();
         // SeqCst pairs with the owner's store of the mark before it reads a subscriber's
         // lagging flag: a consumer that clears its flag and then reads here sees every
         // batch the owner skipped while the flag was set.
         let mark = self.shared.durable.load(Ordering::SeqCst);
         let before = before.min(mark.saturating_add(1));
-        self.shared
-            .log
-            .read(after, before, limit, out)
-            .map_err(HubError::Store)
+        let shared = self.shared.clone();
+        match &self.shared.source {
+            Source::Local(log) => {
+                let log = log.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = log.read(after, before, limit, &mut out);
+                    (out, result.map_err(HubError::Store))
+                })
+            }
+            Source::Cluster { .. } => tokio::spawn(async move {
+                let Source::Cluster { stream, first } = &shared.source else {
+                    unreachable!("matched above")
+                };
+                let Some(stream) = stream.get() else {
+                    return (out, Ok(()));
+                };
+                let result = stream.read(after, before, limit, &mut out).await;
+                if let Some(e) = out.first().filter(|e| e.seq > after + 1) {
+                    // JetStream's retention removed what lay between.
+                    first.fetch_max(e.seq, Ordering::Relaxed);
+                }
+                (out, result.map_err(HubError::Store))
+            }),
+        }
     }
 
     /// The durable mark: the newest seq any reader may see.
@@ -181,13 +219,17 @@ impl StreamHandle {
 
     /// The lowest seq still kept: retention removed everything below it.
     pub fn first_seq(&self) -> u64 {
-        self.shared.log.first_seq()
+        match &self.shared.source {
+            Source::Local(log) => log.first_seq(),
+            Source::Cluster { first, .. } => first.load(Ordering::Relaxed),
+        }
     }
 }
 
 pub(super) struct Owner {
     pub rx: mpsc::Receiver<Command>,
     pub shared: Arc<Shared>,
+    pub log: Arc<dyn StreamLog>,
     pub store: Arc<dyn Store>,
     pub durability: Durability,
     pub batch_max: usize,
@@ -293,7 +335,7 @@ impl Owner {
         }
         // Clean stop: the high-water mark drops back to the tail so the next start carries
         // on contiguously. The store's final flush makes it durable.
-        if let Err(e) = self.shared.log.reserve(self.next - 1) {
+        if let Err(e) = self.log.reserve(self.next - 1) {
             tracing::warn!(stream = %self.shared.id, error = %e, "could not record the stream tail");
         }
     }
@@ -313,11 +355,9 @@ impl Owner {
             if !self.store.writable() {
                 return Err(LogError::NotWritable);
             }
-            reserved
-                .ensure(last, &*self.shared.log, &*self.store)
-                .await?;
+            reserved.ensure(last, &*self.log, &*self.store).await?;
         }
-        self.shared.log.append(first, now_ms(), frames)?;
+        self.log.append(first, now_ms(), frames)?;
         Ok((self.durability == Durability::Strict).then(|| self.store.commit()))
     }
 
@@ -327,7 +367,7 @@ impl Owner {
         // The commit that answered may have come after one that failed with these readings
         // in it (and dropped them).
         let done = done.and_then(|()| {
-            if self.shared.log.written() < last {
+            if self.log.written() < last {
                 Err(LogError::NotWritable)
             } else {
                 Ok(())
@@ -374,7 +414,7 @@ impl Owner {
             .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
         // The mark stays below them, and they leave the log before a later commit could
         // make them durable.
-        if let Err(e) = self.shared.log.discard(first, last) {
+        if let Err(e) = self.log.discard(first, last) {
             tracing::error!(stream = %self.shared.id, error = %e, "could not discard a failed commit");
         }
     }
@@ -432,7 +472,7 @@ impl Reservation {
     }
 }
 
-fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
+pub(super) fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
     subs.retain(|s| s.offer(batch));
 }
 

@@ -58,6 +58,11 @@ impl SeqTemplate {
         self.buf.len()
     }
 
+    /// The frame without its seq, and where the digits go.
+    pub fn parts(&self) -> (&[u8], usize) {
+        (&self.buf, self.seq_at)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }

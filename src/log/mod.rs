@@ -1,11 +1,12 @@
 //! The durable sequenced log: what a stream's owner appends to and REPLAY reads from.
 //!
 //! Owns the storage traits ([`Store`], [`StreamLog`]), the on-disk record format and the
-//! embedded implementation on sled. The hub talks to the traits only, so a cluster store can
-//! stand in without the hub knowing. Must not know about connections, protocols or the hub's
+//! embedded implementation on sled, and the cluster's log on NATS JetStream ([`jetstream`]),
+//! where JetStream, not the node, assigns seqs. Must not know about connections, protocols or the hub's
 //! subscribers: it stores opaque frames under sequence numbers.
 
 mod commit;
+pub mod jetstream;
 mod record;
 mod segment;
 mod sled_store;
@@ -32,6 +33,8 @@ pub enum LogError {
     NotWritable,
     #[error("the data directory was written by another version of sensorgate; move it aside or point data_dir elsewhere")]
     Format,
+    #[error("jetstream: {0}")]
+    JetStream(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Where a stream stands when its owner starts.

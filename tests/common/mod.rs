@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::Message;
 
+pub mod cluster;
 pub mod endpoint;
 pub mod install;
 pub mod stomp;

@@ -1,0 +1,512 @@
+//! One developer stream in cluster mode: its owner task on this node.
+//!
+//! JetStream, not the node, assigns seqs, so the owner has two jobs that do not wait on each
+//! other. **Publishing**: the node's SUBMITs for the stream go to JetStream in the order they
+//! were queued, with up to `max_acks_pending` acks outstanding; every publish carries a
+//! message id, so a retry after a lost ack is stored once. When JetStream does not
+//! acknowledge one (a server lost, a leader being elected), the owner stops taking new
+//! readings and sends the unacknowledged ones again, one at a time and in order, for up to
+//! `publish_retry_ms`; then it gives up: the stream refuses publishes for a while (producers
+//! get 1011) and what was not acknowledged is never dispatched. **Live delivery**: while
+//! this node has subscribers, an ordered consumer tails the stream; what it delivers is
+//! stored on a quorum of the stream's replicas, so its seq is the durable mark, raised before
+//! the batch is offered to the subscribers, exactly as in the embedded owner
+//! (`hub::stream`). A reading published on any node reaches every node's consumers this way.
+//!
+//! Must not know about connections or protocols: it shares [`Subscriber`] and [`Batch`] with
+//! the embedded owner.
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use std::collections::VecDeque;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::sleep_until;
+
+use super::stream::{fan_out, now_ms, Command, Shared, Source, Subscriber, FAILED_BACKOFF_MS};
+use super::types::Batch;
+use crate::log::jetstream::{self, JetStream, JsStream, Tail};
+use crate::log::LogError;
+
+/// What the hub needs to run streams on JetStream.
+pub struct Cluster {
+    pub js: JetStream,
+    pub node_id: String,
+    /// How long unacknowledged readings are retried before their producers get 1011.
+    pub publish_retry: Duration,
+    pub max_acks_pending: usize,
+    /// Message ids are `<node>.<boot>.<n>`: unique across nodes and restarts.
+    boot: String,
+    sent: AtomicU64,
+}
+
+impl Cluster {
+    pub fn new(
+        js: JetStream,
+        node_id: String,
+        publish_retry: Duration,
+        max_acks_pending: usize,
+    ) -> Self {
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce).expect("the OS has randomness");
+        Self {
+            js,
+            node_id,
+            publish_retry,
+            max_acks_pending,
+            boot: format!("{:016x}", u64::from_le_bytes(nonce)),
+            sent: AtomicU64::new(0),
+        }
+    }
+
+    fn next_id(&self) -> String {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        format!("{}.{}.{n}", self.node_id, self.boot)
+    }
+}
+
+/// How long a tail with no subscriber is kept, so a consumer that reconnects finds it.
+const TAIL_LINGER: Duration = Duration::from_secs(30);
+/// First wait before sending an unacknowledged reading again; doubles up to a second.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+
+type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
+
+/// A reading sent to JetStream and not yet acknowledged.
+struct Sent {
+    id: String,
+    stored: Bytes,
+    at: Instant,
+    /// None while it waits to be sent again.
+    ack: Option<AckFuture>,
+}
+
+/// Sending unacknowledged readings again, one at a time.
+struct Resend {
+    deadline: Instant,
+    backoff: Duration,
+    /// When the front is sent again (None: it is on its way).
+    at: Option<Instant>,
+}
+
+pub(super) struct ClusterOwner {
+    pub rx: mpsc::Receiver<Command>,
+    pub shared: Arc<Shared>,
+    pub cluster: Arc<Cluster>,
+    pub batch_max: usize,
+}
+
+/// What the owner's loop woke up for.
+enum Wake {
+    Acked(Result<PublishAck, PublishError>),
+    Resend,
+    Live(Option<Result<Box<async_nats::jetstream::Message>, LogError>>),
+    Linger,
+    Commands(usize),
+}
+
+impl ClusterOwner {
+    pub async fn run(mut self) {
+        let mut waiting = Vec::new();
+        let Some(js) = self.open(&mut waiting).await else {
+            return;
+        };
+        let mut subs: Vec<Subscriber> = Vec::new();
+        let mut tail: Option<Tail> = None;
+        if !waiting.is_empty() {
+            tail = self.open_tail(&js).await;
+            let head = self.shared.durable.load(Ordering::SeqCst);
+            for (sub, answer) in waiting {
+                if tail.is_some() && answer.send(head).is_ok() {
+                    subs.push(sub);
+                }
+            }
+        }
+        let mut idle_since = Instant::now();
+        let mut sent: VecDeque<Sent> = VecDeque::new();
+        let mut resend: Option<Resend> = None;
+        let mut cmds = Vec::with_capacity(self.batch_max);
+        loop {
+            let acking = sent.front().is_some_and(|s| s.ack.is_some());
+            let resend_at = resend.as_ref().and_then(|r| r.at);
+            let taking = resend.is_none() && sent.len() < self.cluster.max_acks_pending;
+            let wake = tokio::select! {
+                biased;
+                done = front_ack(&mut sent), if acking => Wake::Acked(done),
+                _ = sleep_until(resend_at.unwrap_or_else(Instant::now).into()), if resend_at.is_some() => Wake::Resend,
+                m = next_live(&mut tail), if tail.is_some() => Wake::Live(m),
+                _ = sleep_until((idle_since + TAIL_LINGER).into()), if tail.is_some() && subs.is_empty() => Wake::Linger,
+                n = self.rx.recv_many(&mut cmds, self.batch_max), if taking => Wake::Commands(n),
+            };
+            match wake {
+                Wake::Acked(done) => self.acked(&js, done, &mut sent, &mut resend).await,
+                Wake::Resend => self.send_front(&js, &mut sent, &mut resend).await,
+                Wake::Live(Some(Ok(first))) => self.deliver(*first, &mut tail, &mut subs),
+                Wake::Live(end) => {
+                    if let Some(Err(e)) = end {
+                        tracing::warn!(stream = %self.shared.id, error = %e, "stream tail failed; reopening");
+                    }
+                    tail = None;
+                    if !subs.is_empty() {
+                        tail = self.open_tail(&js).await;
+                        if tail.is_none() {
+                            // Without a tail the subscribers would wait forever: end them,
+                            // they reconnect and REPLAY.
+                            subs.clear();
+                        }
+                    }
+                }
+                Wake::Linger => tail = None,
+                Wake::Commands(0) => break,
+                Wake::Commands(_) => {
+                    for cmd in cmds.drain(..) {
+                        match cmd {
+                            Command::Publish(p) => {
+                                let (frame, at) = p.frame.parts();
+                                let stored = jetstream::stored(frame, at);
+                                let id = self.cluster.next_id();
+                                crate::metrics::handles().js_acks_pending.increment(1.0);
+                                let ack = match js.publish(&id, stored.clone()).await {
+                                    Ok(ack) => Some(ack.into_future()),
+                                    Err(e) => {
+                                        tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
+                                        None
+                                    }
+                                };
+                                let failed = ack.is_none();
+                                sent.push_back(Sent {
+                                    id,
+                                    stored,
+                                    at: p.received,
+                                    ack,
+                                });
+                                if failed && resend.is_none() {
+                                    self.start_resend(&mut sent, &mut resend);
+                                }
+                            }
+                            Command::Subscribe { sub, head } => {
+                                if tail.is_none() {
+                                    tail = self.open_tail(&js).await;
+                                }
+                                // Without a tail the subscriber's `head` is dropped: its
+                                // connection closes (1011) and the client comes back.
+                                if tail.is_some()
+                                    && head
+                                        .send(self.shared.durable.load(Ordering::SeqCst))
+                                        .is_ok()
+                                {
+                                    subs.push(sub);
+                                }
+                            }
+                            Command::Unsubscribe(id) => {
+                                subs.retain(|s| s.id != id);
+                                if subs.is_empty() {
+                                    idle_since = Instant::now();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Shutting down: wait for what is on its way (each ack is bounded by the request
+        // timeout), so the readings a producer sent before 1001 are not left in doubt.
+        while let Some(s) = sent.pop_front() {
+            crate::metrics::handles().js_acks_pending.decrement(1.0);
+            if let Some(ack) = s.ack {
+                if let Err(e) = ack.await {
+                    tracing::warn!(stream = %self.shared.id, error = %e, "a publish was not acknowledged before shutdown");
+                }
+            }
+        }
+    }
+
+    /// Opens the stream's JetStream stream, retrying while JetStream is unreachable or not
+    /// ready. Subscribers that arrive meanwhile wait in `waiting` for up to
+    /// `publish_retry_ms` (then they are refused: 1011); publishes are refused (their
+    /// producers get 1011). None: the hub closed first.
+    async fn open(
+        &mut self,
+        waiting: &mut Vec<(Subscriber, oneshot::Sender<u64>)>,
+    ) -> Option<Arc<JsStream>> {
+        let started = Instant::now();
+        let mut backoff = RETRY_FIRST;
+        loop {
+            match self.cluster.js.open(&self.shared.id).await {
+                Ok(js) => {
+                    let js = Arc::new(js);
+                    if let Source::Cluster { stream, .. } = &self.shared.source {
+                        let _ = stream.set(js.clone());
+                    }
+                    return Some(js);
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %self.shared.id, error = %e, "cannot open the JetStream stream; retrying");
+                    crate::metrics::handles().store_errors.increment(1);
+                    self.refuse_for_a_while();
+                }
+            }
+            if started.elapsed() > self.cluster.publish_retry {
+                // Dropping the answers ends those joins.
+                waiting.clear();
+            }
+            let until = tokio::time::Instant::now() + backoff;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    cmd = self.rx.recv() => match cmd {
+                        None => return None,
+                        Some(Command::Subscribe { sub, head }) => waiting.push((sub, head)),
+                        Some(Command::Unsubscribe(id)) => waiting.retain(|(s, _)| s.id != id),
+                        Some(Command::Publish(_)) => {}
+                    },
+                }
+            }
+        }
+    }
+
+    fn refuse_for_a_while(&self) {
+        self.shared
+            .failed_until_ms
+            .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
+    }
+
+    /// Starts a tail at the durable mark (raised first to the stream's newest seq: a node
+    /// that had no tail knows nothing newer).
+    async fn open_tail(&self, js: &JsStream) -> Option<Tail> {
+        let opened = async {
+            let (first, last) = js.bounds().await?;
+            if let Source::Cluster { first: f, .. } = &self.shared.source {
+                f.fetch_max(first, Ordering::Relaxed);
+            }
+            let mark = self
+                .shared
+                .durable
+                .fetch_max(last, Ordering::SeqCst)
+                .max(last);
+            js.tail(mark + 1).await
+        };
+        match opened.await {
+            Ok(tail) => Some(tail),
+            Err(e) => {
+                tracing::error!(stream = %self.shared.id, error = %e, "cannot tail the JetStream stream");
+                crate::metrics::handles().store_errors.increment(1);
+                None
+            }
+        }
+    }
+
+    /// Takes `first` and every message already here behind it (up to a batch), raises the
+    /// mark past them, and offers them to the subscribers as batches of consecutive seqs.
+    fn deliver(
+        &self,
+        first: async_nats::jetstream::Message,
+        tail: &mut Option<Tail>,
+        subs: &mut Vec<Subscriber>,
+    ) {
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut first_seq = 0;
+        let mut oldest_ns: Option<i128> = None;
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(m) = next.take() {
+            taken += 1;
+            match m.info() {
+                Ok(info) => {
+                    let seq = info.stream_sequence;
+                    let mark = self.shared.durable.load(Ordering::SeqCst);
+                    if seq > mark {
+                        if !frames.is_empty() && seq != first_seq + frames.len() as u64 {
+                            self.dispatch(first_seq, std::mem::take(&mut frames), oldest_ns, subs);
+                        }
+                        match jetstream::frame_at(&m.payload, seq) {
+                            Ok(frame) => {
+                                if frames.is_empty() {
+                                    first_seq = seq;
+                                    oldest_ns = Some(info.published.unix_timestamp_nanos());
+                                }
+                                frames.push(frame);
+                            }
+                            Err(e) => {
+                                tracing::error!(stream = %self.shared.id, seq, error = %e, "a stored reading is unreadable; skipped");
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(stream = %self.shared.id, error = %e, "a message without JetStream metadata")
+                }
+            }
+            if taken < self.batch_max {
+                if let Some(Some(Ok(m))) = tail.as_mut().and_then(|t| t.next().now_or_never()) {
+                    next = Some(m);
+                }
+            }
+        }
+        if !frames.is_empty() {
+            self.dispatch(first_seq, frames, oldest_ns, subs);
+        }
+    }
+
+    fn dispatch(
+        &self,
+        first: u64,
+        frames: Vec<Bytes>,
+        published_ns: Option<i128>,
+        subs: &mut Vec<Subscriber>,
+    ) {
+        let metrics = crate::metrics::handles();
+        let last = first + frames.len() as u64 - 1;
+        // The mark first, then the subscribers: see `StreamHandle::read`.
+        self.shared.durable.fetch_max(last, Ordering::SeqCst);
+        metrics.commit_readings.record(frames.len() as f64);
+        let bytes = frames.iter().map(Bytes::len).sum();
+        let batch = Arc::new(Batch {
+            first_seq: first,
+            frames,
+            bytes,
+        });
+        fan_out(subs, &batch);
+        if let Some(ns) = published_ns {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128);
+            metrics
+                .dispatch_latency
+                .record((now - ns).max(0) as f64 / 1e9);
+        }
+    }
+
+    /// The oldest publish answered.
+    async fn acked(
+        &self,
+        js: &JsStream,
+        done: Result<PublishAck, PublishError>,
+        sent: &mut VecDeque<Sent>,
+        resend: &mut Option<Resend>,
+    ) {
+        let metrics = crate::metrics::handles();
+        match done {
+            Ok(_) => {
+                let s = sent.pop_front().expect("an ack answers the front");
+                metrics.js_acks_pending.decrement(1.0);
+                metrics.readings_stored.increment(1);
+                metrics
+                    .js_publish_seconds
+                    .record(s.at.elapsed().as_secs_f64());
+                if resend.is_some() {
+                    if sent.is_empty() {
+                        tracing::info!(stream = %self.shared.id, "JetStream takes writes again");
+                        *resend = None;
+                    } else {
+                        self.send_front(js, sent, resend).await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.shared.id, error = %e, "publish not acknowledged; sending it again");
+                if let Some(front) = sent.front_mut() {
+                    front.ack = None;
+                }
+                if resend.is_none() {
+                    self.start_resend(sent, resend);
+                } else {
+                    self.retry_later(sent, resend);
+                }
+            }
+        }
+    }
+
+    /// Stops pipelining: every reading still unacknowledged is sent again in order, one at a
+    /// time, so none lands ahead of one queued before it.
+    fn start_resend(&self, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+        for s in sent.iter_mut() {
+            s.ack = None;
+        }
+        *resend = Some(Resend {
+            deadline: Instant::now() + self.cluster.publish_retry,
+            backoff: RETRY_FIRST,
+            at: Some(Instant::now() + RETRY_FIRST),
+        });
+    }
+
+    fn retry_later(&self, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+        let Some(r) = resend else { return };
+        if Instant::now() >= r.deadline {
+            self.give_up(sent);
+            *resend = None;
+            return;
+        }
+        r.at = Some(Instant::now() + r.backoff);
+        r.backoff = (r.backoff * 2).min(Duration::from_secs(1));
+    }
+
+    /// Sends the front reading again (same message id).
+    async fn send_front(
+        &self,
+        js: &JsStream,
+        sent: &mut VecDeque<Sent>,
+        resend: &mut Option<Resend>,
+    ) {
+        let Some(front) = sent.front_mut() else {
+            *resend = None;
+            return;
+        };
+        crate::metrics::handles().js_retries.increment(1);
+        match js.publish(&front.id, front.stored.clone()).await {
+            Ok(ack) => {
+                front.ack = Some(ack.into_future());
+                if let Some(r) = resend {
+                    r.at = None;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
+                self.retry_later(sent, resend);
+            }
+        }
+    }
+
+    /// JetStream did not take the readings within `publish_retry_ms`: they are dropped
+    /// (never dispatched, since JetStream never stored them), publishes are refused for a
+    /// while so producers get 1011, and what queued meanwhile goes too.
+    fn give_up(&self, sent: &mut VecDeque<Sent>) {
+        let metrics = crate::metrics::handles();
+        metrics.store_errors.increment(1);
+        metrics.js_acks_pending.decrement(sent.len() as f64);
+        tracing::error!(
+            stream = %self.shared.id,
+            readings = sent.len(),
+            "JetStream did not acknowledge readings in time; refusing publishes for a while"
+        );
+        sent.clear();
+        self.refuse_for_a_while();
+    }
+}
+
+/// The answer to the front publish (which has one on its way).
+async fn front_ack(sent: &mut VecDeque<Sent>) -> Result<PublishAck, PublishError> {
+    match sent.front_mut().and_then(|s| s.ack.as_mut()) {
+        Some(ack) => ack.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_live(
+    tail: &mut Option<Tail>,
+) -> Option<Result<Box<async_nats::jetstream::Message>, LogError>> {
+    match tail {
+        Some(t) => t.next().await.map(|m| {
+            m.map(Box::new)
+                .map_err(|e| LogError::JetStream(Box::new(e)))
+        }),
+        None => std::future::pending().await,
+    }
+}

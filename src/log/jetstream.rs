@@ -1,0 +1,328 @@
+//! The cluster's log: one JetStream stream per developer on a shared NATS cluster.
+//!
+//! Owns the NATS connection, the streams' names and configuration, the stored message format
+//! and reads of a seq range. The JetStream stream sequence is the reading's seq, so every
+//! node agrees on it; a message is in the stream only once JetStream acknowledged it (stored
+//! on a quorum of `stream_replicas`), which is the cluster's durable mark.
+//!
+//! A stored message is a DISPATCH frame with a hole for its seq, which only JetStream knows
+//! when the message is stored: four bytes (big-endian) giving where the digits go, then the
+//! frame without them. [`frame_at`] fills the hole from the stream sequence.
+//!
+//! Must not know about subscribers or connections: the hub's cluster owner
+//! (`hub::cluster`) decides what to publish and whom to dispatch to.
+
+use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use std::time::Duration;
+
+use super::{Entry, LogError, ReadLimit};
+use crate::config::ClusterConfig;
+
+/// The subject a developer's readings are published on.
+pub fn subject(developer: &str) -> String {
+    format!("sg.s.{developer}")
+}
+
+/// The JetStream stream holding a developer's readings.
+pub fn stream_name(developer: &str) -> String {
+    format!("SG_{developer}")
+}
+
+/// Most digits a u64 has in decimal.
+const DIGITS: usize = 20;
+
+/// The stored form of a frame whose seq goes at byte `seq_at` of `frame`.
+pub fn stored(frame: &[u8], seq_at: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(4 + frame.len());
+    buf.put_u32(seq_at as u32);
+    buf.put_slice(frame);
+    buf.freeze()
+}
+
+/// The frame of a stored message, its seq written into the hole.
+pub fn frame_at(stored: &[u8], seq: u64) -> Result<Bytes, LogError> {
+    let corrupt = || LogError::Corrupt {
+        stream: "jetstream".into(),
+        seq,
+    };
+    let (head, frame) = stored.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let at = u32::from_be_bytes(*head) as usize;
+    if at > frame.len() {
+        return Err(corrupt());
+    }
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(seq).as_bytes();
+    let mut out = Vec::with_capacity(frame.len() + DIGITS);
+    out.extend_from_slice(&frame[..at]);
+    out.extend_from_slice(digits);
+    out.extend_from_slice(&frame[at..]);
+    Ok(Bytes::from(out))
+}
+
+fn js_err(e: impl std::error::Error + Send + Sync + 'static) -> LogError {
+    LogError::JetStream(Box::new(e))
+}
+
+/// How long JetStream keeps a stream's readings (from the retention keys).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Retention {
+    /// 0: forever.
+    pub max_age_s: u64,
+    /// 0: any number.
+    pub max_per_stream: u64,
+}
+
+/// The node's connection to the NATS cluster.
+pub struct JetStream {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    replicas: usize,
+    retention: Retention,
+    request_timeout: Duration,
+}
+
+impl JetStream {
+    /// Connects to the cluster (trying every URL until `connect_timeout_ms`); reconnects
+    /// by itself afterwards, forever, counting what happens in the `sensorgate_nats_*`
+    /// metrics.
+    pub async fn connect(
+        config: &ClusterConfig,
+        node_id: &str,
+        retention: Retention,
+    ) -> Result<Self, LogError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("sensorgate {node_id}"))
+            .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .request_timeout(Some(Duration::from_millis(config.request_timeout_ms)))
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                use async_nats::Event;
+                let (name, connected) = match &event {
+                    Event::Connected => ("connected", Some(true)),
+                    Event::Disconnected => ("disconnected", Some(false)),
+                    Event::Closed => ("closed", Some(false)),
+                    Event::LameDuckMode => ("lame_duck", None),
+                    Event::Draining => ("draining", None),
+                    Event::SlowConsumer(_) => ("slow_consumer", None),
+                    Event::ServerError(_) => ("server_error", None),
+                    Event::ClientError(_) => ("client_error", None),
+                };
+                crate::metrics::nats_event(name);
+                if let Some(up) = connected {
+                    crate::metrics::handles()
+                        .js_connected
+                        .set(if up { 1.0 } else { 0.0 });
+                }
+                tracing::warn!(event = %event, "nats");
+            });
+        if let (Some(user), Some(password)) = (&config.user, &config.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &config.token {
+            options = options.token(token.clone());
+        }
+        if let Some(path) = &config.creds_file {
+            options = options.credentials_file(path).await?;
+        }
+        let urls = config
+            .nats_urls
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(js_err)?;
+        let client = options.connect(urls).await.map_err(js_err)?;
+        crate::metrics::handles().js_connected.set(1.0);
+        let request_timeout = Duration::from_millis(config.request_timeout_ms);
+        let js = jetstream::ContextBuilder::new()
+            .timeout(request_timeout)
+            .ack_timeout(request_timeout)
+            // Each stream bounds its own acks pending; this only caps the node's total.
+            .max_ack_inflight(1 << 20)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            replicas: config.stream_replicas,
+            retention,
+            request_timeout,
+        })
+    }
+
+    /// Whether the node has a NATS connection right now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// The NATS client, for the cluster-wide rules' key-value buckets.
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// A developer's stream, created with the cluster's settings if it does not exist and
+    /// brought to them if they changed.
+    pub async fn open(&self, developer: &str) -> Result<JsStream, LogError> {
+        let name = stream_name(developer);
+        let subject = subject(developer);
+        let config = stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            max_age: Duration::from_secs(self.retention.max_age_s),
+            max_messages: self.retention.max_per_stream as i64,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        };
+        self.js
+            .create_or_update_stream(config)
+            .await
+            .map_err(js_err)?;
+        let stream = self.js.get_stream_no_info(&name).await.map_err(js_err)?;
+        Ok(JsStream {
+            js: self.js.clone(),
+            stream,
+            subject,
+            request_timeout: self.request_timeout,
+        })
+    }
+
+    /// Drains the connection: what was sent is flushed before it closes.
+    pub async fn close(&self) {
+        let _ = self.client.drain().await;
+    }
+}
+
+/// One developer's JetStream stream.
+pub struct JsStream {
+    js: jetstream::Context,
+    stream: jetstream::stream::Stream<()>,
+    subject: String,
+    request_timeout: Duration,
+}
+
+/// The live readings of a stream as JetStream stores them, in seq order.
+pub type Tail = consumer::push::Ordered;
+
+impl JsStream {
+    /// Sends one reading; the future resolves with its seq once JetStream stored it. `id`
+    /// makes a retry after a lost ack harmless: JetStream stores a message id once within
+    /// its duplicate window (two minutes) and answers the retry with the first seq.
+    pub async fn publish(&self, id: &str, stored: Bytes) -> Result<PublishAckFuture, LogError> {
+        let message = jetstream::message::PublishMessage::build()
+            .message_id(id)
+            .payload(stored);
+        self.js
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(js_err)
+    }
+
+    /// The oldest and newest seq stored (`first` is `last + 1` when the stream is empty).
+    pub async fn bounds(&self) -> Result<(u64, u64), LogError> {
+        let info = self.stream.get_info().await.map_err(js_err)?;
+        Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+
+    /// The stream's messages from seq `from` on, live: an ordered consumer, which the client
+    /// recreates from where it was after a gap or a lost server, so nothing is skipped.
+    pub async fn tail(&self, from: u64) -> Result<Tail, LogError> {
+        let config = consumer::push::OrderedConfig {
+            deliver_subject: self.js.client().new_inbox(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ..Default::default()
+        };
+        let consumer = self.stream.create_consumer(config).await.map_err(js_err)?;
+        consumer.messages().await.map_err(js_err)
+    }
+
+    /// Reads stored readings with `after < seq < before` into `out`, within `limit` (the
+    /// first whatever its size), through a short-lived consumer.
+    pub async fn read(
+        &self,
+        after: u64,
+        before: u64,
+        limit: ReadLimit,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), LogError> {
+        let start = after.saturating_add(1);
+        if start >= before || limit.entries == 0 {
+            return Ok(());
+        }
+        let want = limit
+            .entries
+            .min((before - start).min(usize::MAX as u64) as usize);
+        let reader = self
+            .stream
+            .create_consumer(consumer::pull::Config {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start,
+                },
+                ack_policy: consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(10),
+                memory_storage: true,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(js_err)?;
+        let name = reader.cached_info().name.clone();
+        let result = async {
+            let mut batch = reader
+                .fetch()
+                .max_messages(want)
+                .expires(self.request_timeout)
+                .messages()
+                .await
+                .map_err(js_err)?;
+            let mut bytes = 0;
+            while let Some(message) = batch.next().await {
+                let message = message.map_err(LogError::JetStream)?;
+                let seq = message.info().map_err(LogError::JetStream)?.stream_sequence;
+                if seq >= before {
+                    break;
+                }
+                let frame = frame_at(&message.payload, seq)?;
+                bytes += frame.len();
+                out.push(Entry { seq, frame });
+                if out.len() >= want || bytes >= limit.bytes {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // The consumer would expire on its own; deleting it keeps the servers tidy.
+        let stream = self.stream.clone();
+        tokio::spawn(async move {
+            let _ = stream.delete_consumer(&name).await;
+        });
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_frame_gets_its_seq_back() {
+        let frame = br#"{"op":5,"seq":,"t":"X"}"#;
+        let at = frame.windows(2).position(|w| w == b":,").unwrap() + 1;
+        let s = stored(frame, at);
+        assert_eq!(
+            &frame_at(&s, 73).unwrap()[..],
+            br#"{"op":5,"seq":73,"t":"X"}"#
+        );
+        assert_eq!(
+            &frame_at(&s, u64::MAX).unwrap()[..],
+            format!(r#"{{"op":5,"seq":{},"t":"X"}}"#, u64::MAX).as_bytes()
+        );
+        assert!(frame_at(b"\0\0", 1).is_err());
+        assert!(frame_at(&stored(b"ab", 2)[..5], 1).is_err());
+    }
+}
