@@ -56,6 +56,8 @@ pub struct Principal {
     /// A user minted as an employee (seed 002's staff): counted on
     /// `/v1/topic/online-employees`.
     pub employee: bool,
+    /// The redeemed token's id: cluster mode burns it cluster-wide too.
+    pub token_id: Arc<str>,
 }
 
 /// Why a credential or token was refused. HTTP maps these to 400/403, IDENTIFY to close 4001.
@@ -340,6 +342,7 @@ impl Auth {
         let role = claims.role;
         let now = unix_now();
         self.prune(now);
+        let token_id: Arc<str> = Arc::from(claims.jti.as_str());
         match self.redeemed.entry(claims.jti) {
             dashmap::Entry::Occupied(_) => return Err(AuthError::Redeemed),
             dashmap::Entry::Vacant(v) => {
@@ -360,6 +363,7 @@ impl Auth {
             developer: claims.dev.into(),
             user,
             employee: claims.emp,
+            token_id,
         })
     }
 

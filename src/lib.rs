@@ -126,8 +126,17 @@ impl Server {
                 };
                 let js = log::jetstream::JetStream::connect(cluster, &node_id, retention).await?;
                 tracing::info!(node = %node_id, nats = ?cluster.nats_urls, replicas = cluster.stream_replicas, "cluster mode: streams on JetStream");
+                let claims = hub::claims::Claims::open(
+                    &js,
+                    &node_id,
+                    cluster.stream_replicas,
+                    config.token_ttl_s,
+                    config.max_consumers_per_developer,
+                )
+                .await?;
                 let link = hub::cluster::Cluster::new(
                     js,
+                    claims,
                     node_id,
                     Duration::from_millis(cluster.publish_retry_ms),
                     cluster.max_acks_pending,

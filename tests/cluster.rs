@@ -8,20 +8,24 @@ mod common;
 use common::cluster::*;
 use common::*;
 
-/// Three nodes, each on its own nats-server of a three-server cluster.
-async fn three_nodes(nats: &NatsCluster) -> Vec<TestServer> {
+/// A node on each nats-server of the cluster.
+async fn nodes(nats: &NatsCluster, tweak: impl Fn(&mut Config)) -> Vec<TestServer> {
     let mut nodes = Vec::new();
     for s in &nats.servers {
         let url = s.url();
         nodes.push(
             TestServer::start_with(|c| {
-                node_config(c, vec![url], 3);
-                c.max_consumers_per_developer = 4;
+                node_config(c, vec![url], nats.servers.len());
+                tweak(c);
             })
             .await,
         );
     }
     nodes
+}
+
+async fn three_nodes(nats: &NatsCluster) -> Vec<TestServer> {
+    nodes(nats, |c| c.max_consumers_per_developer = 4).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,4 +90,69 @@ async fn readings_from_one_node_reach_consumers_on_another_in_seq_order() {
     producer.submit("STEPS", r#"{"n":301}"#).await;
     assert_eq!(dispatch(&consumer.recv().await).0, 351);
     assert_eq!(dispatch(&replayer.recv().await).0, 351);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_used_on_one_node_is_refused_on_another() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = three_nodes(&nats).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    let token = a.token("/auth/user?id=u1").await;
+    let _first = Client::identified(a.addr, &token, 0).await;
+    let mut again = Client::connect(b.addr).await;
+    again
+        .send(&format!(r#"{{"op":3,"d":{{"token":"{token}","type":0}}}}"#))
+        .await;
+    assert_eq!(again.close_code().await, 4001);
+
+    // STOMP CONNECT with a token redeemed over the opcode protocol elsewhere: refused too.
+    let token = a.token("/auth/developer").await;
+    let _consumer = Client::identified(a.addr, &token, 1).await;
+    let mut stomp = common::stomp::Stomp::open(&nodes[2], None).await;
+    stomp
+        .send(&format!(
+            "CONNECT\naccept-version:1.2\nhost:x\npasscode:{token}\n\n\0"
+        ))
+        .await;
+    let frame = stomp.frame().await;
+    assert!(frame.starts_with("ERROR"), "{frame}");
+    // A fresh developer token connects over STOMP on any node.
+    let fresh = b.token("/auth/developer").await;
+    let (_ok, _) = common::stomp::Stomp::connected(
+        &nodes[2],
+        &format!("accept-version:1.2\nhost:x\npasscode:{fresh}\n"),
+    )
+    .await;
+    let scrape = b.metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            r#"sensorgate_kv_operations_total{op="redeem",result="refused"}"#
+        ) >= 1.0,
+        "{scrape}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newer_connection_wins_across_nodes() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, |_| {}).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // One consumer per developer (the default), counted cluster-wide.
+    let mut first = a.consumer().await;
+    let mut second = b.consumer().await;
+    assert_eq!(first.close_code().await, 4002);
+    // The same user producing from two nodes: the older connection goes.
+    let mut old = b.producer("wearer").await;
+    let mut new = c.producer("wearer").await;
+    assert_eq!(old.close_code().await, 4002);
+    // The winners work: a reading from the new producer reaches the new consumer.
+    new.submit("HEART_RATE", r#"{"bpm":61}"#).await;
+    let (_, uid, t, d) = dispatch(&second.recv().await);
+    assert_eq!(
+        (uid.as_str(), t.as_str(), d.as_str()),
+        ("wearer", "HEART_RATE", r#"{"bpm":61}"#)
+    );
 }

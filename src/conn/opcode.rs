@@ -22,6 +22,7 @@ use super::{kicked, ConnCtx, Unauthenticated, Upgraded};
 use crate::auth::{AuthError, Principal, Role};
 use crate::frontend::opcode::{dispatch_template, Inbound, Outbound, Session, Step};
 use crate::frontend::CloseCode;
+use crate::hub::claims::ClaimError;
 use crate::hub::{HubError, Kick, Publish, StreamHandle, TryPublishError};
 use crate::metrics::{self, op_in, op_out, AuthPlace, ConnRole};
 
@@ -304,20 +305,21 @@ impl State {
             tracing::error!(conn = self.id, error = %e, "cannot open stream");
             CloseCode::Internal
         })?;
+        hub.redeem_everywhere(&principal.token_id)
+            .await
+            .map_err(|e| claim_failed(self.id, e))?;
         let gauge = match principal.role {
             Role::User => {
-                hub.sessions().claim_user(
-                    &principal.developer,
-                    &principal.user,
-                    self.id,
-                    &self.kick,
-                );
+                hub.claim_user(&principal.developer, &principal.user, self.id, &self.kick)
+                    .await
+                    .map_err(|e| claim_failed(self.id, e))?;
                 reply(out, Outbound::Ready, op_out::READY);
                 ConnRole::User
             }
             Role::Developer => {
-                hub.sessions()
-                    .claim_developer(&principal.developer, self.id, &self.kick);
+                hub.claim_consumer(&principal.developer, self.id, &self.kick)
+                    .await
+                    .map_err(|e| claim_failed(self.id, e))?;
                 self.delivery = Delivery::join(&stream, self.id, hub.outbox(), self.kick.clone())
                     .await
                     .map_err(|_| CloseCode::GoingAway)?;
@@ -346,15 +348,30 @@ impl State {
         let Some(p) = &self.principal else { return };
         let hub = &self.ctx.hub;
         match p.role {
-            Role::User => hub.sessions().release_user(&p.developer, &p.user, self.id),
+            Role::User => hub.release_user(&p.developer, &p.user, self.id),
             Role::Developer => {
-                hub.sessions().release_developer(&p.developer, self.id);
+                hub.release_consumer(&p.developer, self.id);
                 if let Some(stream) = &self.stream {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.unsubscribe(self.id)).await;
                 }
             }
         }
         self.stream = None;
+    }
+}
+
+/// A cluster-wide rule refused (a token redeemed on another node: 4001) or could not be
+/// checked (the key-value store failed: 1011).
+fn claim_failed(conn: u64, e: ClaimError) -> CloseCode {
+    match e {
+        ClaimError::Redeemed => {
+            metrics::handles().auth_failed(AuthPlace::Identify, &e);
+            CloseCode::BadToken
+        }
+        ClaimError::Store(e) => {
+            tracing::error!(conn, error = %e, "IDENTIFY failed: cluster key-value store");
+            CloseCode::Internal
+        }
     }
 }
 

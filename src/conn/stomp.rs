@@ -33,6 +33,7 @@ use crate::frontend::stomp::frame::{
 };
 use crate::frontend::CloseCode;
 use crate::hub::chat::AppEvent;
+use crate::hub::claims::ClaimError;
 use crate::hub::{
     Held, Inbox, Kick, KickReason, StreamHandle, TopicDelivery, TopicMessage, JSON_UTF8,
 };
@@ -68,6 +69,17 @@ struct StreamJoin {
     key: u64,
     replay_after: Option<u64>,
     receipt: Option<String>,
+}
+
+/// What stops decoding until an await is done.
+enum Wait {
+    /// A stream subscription waits for its owner.
+    Join(StreamJoin),
+    /// Cluster mode: CONNECT's token is burnt cluster-wide before CONNECTED.
+    Redeem {
+        principal: Principal,
+        heart_beat: (u64, u64),
+    },
 }
 
 /// Frames readings of a stream topic as MESSAGEs: body the DISPATCH JSON, header `seq`,
@@ -277,8 +289,15 @@ impl State {
                 Ok(join) => Some(join),
                 Err(end) => return end,
             };
-            while let Some(join) = wait.take() {
-                if let Err(end) = self.join_stream(join, &mut io.out).await {
+            while let Some(next) = wait.take() {
+                let done = match next {
+                    Wait::Join(join) => self.join_stream(join, &mut io.out).await,
+                    Wait::Redeem {
+                        principal,
+                        heart_beat,
+                    } => self.redeem(principal, heart_beat, &mut io.out).await,
+                };
+                if let Err(end) = done {
                     return end;
                 }
                 wait = match self.decode_pending(&mut io.out) {
@@ -290,11 +309,7 @@ impl State {
         }
     }
 
-    fn poll_io(
-        &mut self,
-        cx: &mut Context<'_>,
-        io: &mut WsSocket,
-    ) -> Poll<Result<StreamJoin, End>> {
+    fn poll_io(&mut self, cx: &mut Context<'_>, io: &mut WsSocket) -> Poll<Result<Wait, End>> {
         if let Poll::Ready(reason) = self.kick.poll_kicked(cx) {
             let (error, code) = match reason {
                 KickReason::TooSlow => (
@@ -447,8 +462,16 @@ impl State {
                 return Err(CloseCode::Internal.into());
             }
         };
-        hub.sessions()
-            .claim_developer(&developer, self.id, &self.kick);
+        if let Err(e) = hub.claim_consumer(&developer, self.id, &self.kick).await {
+            tracing::error!(conn = self.id, error = %e, "cannot claim the stream subscription");
+            self.error(
+                out,
+                StompError::Internal,
+                "cannot register the subscription",
+                join.receipt,
+            );
+            return Err(CloseCode::Internal.into());
+        }
         // One outbox for topics and the stream: `stomp_max_pending_bytes` bounds both.
         let outbox = self.inbox.outbox.clone();
         let mut delivery = Delivery::join(&handle, self.id, outbox, self.kick.clone())
@@ -478,10 +501,7 @@ impl State {
         let mut stream = self.stream.take()?;
         stream.delivery.finish();
         if let Some(developer) = &self.developer {
-            self.ctx
-                .hub
-                .sessions()
-                .release_developer(developer, self.id);
+            self.ctx.hub.release_consumer(developer, self.id);
         }
         Some(stream.handle)
     }
@@ -586,13 +606,13 @@ impl State {
         inbound: Inbound,
         receipt: Option<String>,
         out: &mut Out,
-    ) -> Result<Option<StreamJoin>, End> {
+    ) -> Result<Option<Wait>, End> {
         if self.version.is_none() {
             let Inbound::Connect(connect) = inbound else {
                 self.error(out, StompError::State, "expected CONNECT", receipt);
                 return Err(CloseCode::Protocol.into());
             };
-            return self.connect(connect, out).map(|()| None);
+            return self.connect(connect, out);
         }
         match inbound {
             Inbound::Connect(_) => {
@@ -647,11 +667,11 @@ impl State {
                 );
                 if stream {
                     // The RECEIPT goes out once the subscription is in place.
-                    return Ok(Some(StreamJoin {
+                    return Ok(Some(Wait::Join(StreamJoin {
                         key,
                         replay_after,
                         receipt,
-                    }));
+                    })));
                 }
             }
             Inbound::Unsubscribe { id } => {
@@ -767,7 +787,7 @@ impl State {
         &mut self,
         cx: &mut Context<'_>,
         out: &mut Out,
-    ) -> Poll<Result<Option<StreamJoin>, End>> {
+    ) -> Poll<Result<Option<Wait>, End>> {
         let Some(blocked) = &mut self.blocked else {
             return Poll::Pending;
         };
@@ -1021,7 +1041,7 @@ impl State {
         metrics::handles().stomp_out[stomp_out::RECEIPT].increment(1);
     }
 
-    fn connect(&mut self, connect: Connect, out: &mut Out) -> Result<(), End> {
+    fn connect(&mut self, connect: Connect, out: &mut Out) -> Result<Option<Wait>, End> {
         let Some(version) = negotiate_version(&connect.accept) else {
             let m = metrics::handles();
             m.stomp_errors[StompError::Version as usize].increment(1);
@@ -1048,6 +1068,12 @@ impl State {
             .or_else(|| self.bearer.take());
         self.principal = match token {
             Some(token) => match self.ctx.auth.redeem_any(&token) {
+                Ok(p) if self.ctx.hub.cluster_link().is_some() => {
+                    return Ok(Some(Wait::Redeem {
+                        principal: p,
+                        heart_beat: connect.heart_beat,
+                    }));
+                }
                 Ok(p) => {
                     self.unauthenticated = None;
                     self.identified(p)
@@ -1070,9 +1096,46 @@ impl State {
                 return Err(CloseCode::Protocol.into());
             }
         };
+        self.connected(connect.heart_beat, out);
+        Ok(None)
+    }
+
+    /// Cluster mode: CONNECT's token, redeemed on this node, is burnt cluster-wide before
+    /// the client is CONNECTED; one redeemed on another node gets the same ERROR as any
+    /// invalid token.
+    async fn redeem(
+        &mut self,
+        principal: Principal,
+        heart_beat: (u64, u64),
+        out: &mut Out,
+    ) -> Result<(), End> {
+        match self.ctx.hub.redeem_everywhere(&principal.token_id).await {
+            Ok(()) => {
+                self.unauthenticated = None;
+                self.principal = self.identified(principal);
+                self.connected(heart_beat, out);
+                Ok(())
+            }
+            Err(e @ ClaimError::Redeemed) => {
+                metrics::handles().auth_failed(AuthPlace::Stomp, &e);
+                self.error(out, StompError::Auth, "invalid token", None);
+                Err(CloseCode::Protocol.into())
+            }
+            Err(e) => {
+                tracing::error!(conn = self.id, error = %e, "STOMP CONNECT failed");
+                let message = "the server could not record the token; try again";
+                self.error(out, StompError::Auth, message, None);
+                Err(CloseCode::Internal.into())
+            }
+        }
+    }
+
+    /// Negotiates heart-beats and answers CONNECTED.
+    fn connected(&mut self, heart_beat: (u64, u64), out: &mut Out) {
+        let Some(version) = self.version else { return };
         // The server offers the same rate both ways (`stomp_heart_beat_ms`).
         let offer = self.ctx.limits.stomp_heart_beat_ms;
-        let (send, expect) = negotiate_heart_beat(connect.heart_beat, (offer, offer));
+        let (send, expect) = negotiate_heart_beat(heart_beat, (offer, offer));
         self.beat_every = Duration::from_millis(send);
         if send > 0 {
             let at = Deadline::now() + self.beat_every;
@@ -1094,7 +1157,6 @@ impl State {
         };
         self.reply(out, frame);
         metrics::handles().stomp_out[stomp_out::CONNECTED].increment(1);
-        Ok(())
     }
 
     /// Takes in a redeemed token: the user it names, and an employee counted online.
@@ -1140,9 +1202,9 @@ impl State {
 impl Handler for State {
     /// Only a stream subscription waits in the async loop (for its owner); a SEND held back
     /// by flow control waits inside the poll loop ([`State::poll_blocked`]).
-    type Wait = StreamJoin;
+    type Wait = Wait;
 
-    fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<StreamJoin>, End> {
+    fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Wait>, End> {
         self.alive();
         self.pending.extend_from_slice(data);
         self.decode_pending(out)
@@ -1159,7 +1221,7 @@ impl Handler for State {
 
 impl State {
     /// Acts on the whole frames buffered, up to one that has to wait.
-    fn decode_pending(&mut self, out: &mut Out) -> Result<Option<StreamJoin>, End> {
+    fn decode_pending(&mut self, out: &mut Out) -> Result<Option<Wait>, End> {
         // Before CONNECT the client's version is unknown: the 1.2 grammar accepts the most.
         while self.blocked.is_none() {
             let version = self.version.unwrap_or(Version::V1_2);

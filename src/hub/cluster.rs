@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until;
 
+use super::claims::Claims;
 use super::stream::{fan_out, now_ms, Command, Shared, Source, Subscriber, FAILED_BACKOFF_MS};
 use super::types::Batch;
 use crate::log::jetstream::{self, JetStream, JsStream, Tail};
@@ -37,6 +38,8 @@ use crate::log::LogError;
 /// What the hub needs to run streams on JetStream.
 pub struct Cluster {
     pub js: JetStream,
+    /// The cluster-wide rules (tokens, duplicate connections, consumer counts).
+    pub claims: Arc<Claims>,
     pub node_id: String,
     /// How long unacknowledged readings are retried before their producers get 1011.
     pub publish_retry: Duration,
@@ -49,6 +52,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(
         js: JetStream,
+        claims: Arc<Claims>,
         node_id: String,
         publish_retry: Duration,
         max_acks_pending: usize,
@@ -57,6 +61,7 @@ impl Cluster {
         getrandom::fill(&mut nonce).expect("the OS has randomness");
         Self {
             js,
+            claims,
             node_id,
             publish_retry,
             max_acks_pending,

@@ -15,6 +15,7 @@
 //! inbox is full is kicked with [`KickReason::TooSlow`] (close 4009) and the rest carry on.
 
 pub mod chat;
+pub mod claims;
 pub mod cluster;
 pub mod endpoints;
 mod sessions;
@@ -172,6 +173,69 @@ impl Hub {
         match &self.inner.backend {
             Backend::Embedded(store) => store.writable(),
             Backend::Cluster(c) => c.js.connected(),
+        }
+    }
+
+    /// Cluster mode: burns a token id cluster-wide (the node's own set already holds it).
+    /// Embedded mode: nothing more to do.
+    pub async fn redeem_everywhere(&self, token_id: &str) -> Result<(), claims::ClaimError> {
+        match &self.inner.backend {
+            Backend::Embedded(_) => Ok(()),
+            Backend::Cluster(c) => c.claims.redeem(token_id).await,
+        }
+    }
+
+    /// The duplicate-connection rule for a producer: an older connection of the same user
+    /// is kicked (4002), on this node at once, on another node (cluster mode) within a
+    /// second.
+    pub async fn claim_user(
+        &self,
+        developer: &Arc<str>,
+        user: &Arc<str>,
+        conn: u64,
+        kick: &Arc<Kick>,
+    ) -> Result<(), claims::ClaimError> {
+        self.inner.sessions.claim_user(developer, user, conn, kick);
+        let Backend::Cluster(c) = &self.inner.backend else {
+            return Ok(());
+        };
+        let claimed = c.claims.claim_user(developer, user, conn, kick).await;
+        if claimed.is_err() {
+            self.inner.sessions.release_user(developer, user, conn);
+        }
+        claimed
+    }
+
+    pub fn release_user(&self, developer: &Arc<str>, user: &Arc<str>, conn: u64) {
+        self.inner.sessions.release_user(developer, user, conn);
+        if let Backend::Cluster(c) = &self.inner.backend {
+            c.claims.release_user(developer, user, conn);
+        }
+    }
+
+    /// The consumer limit: the oldest consumer beyond `max_consumers_per_developer` is
+    /// kicked (4002), counted across every node in cluster mode.
+    pub async fn claim_consumer(
+        &self,
+        developer: &Arc<str>,
+        conn: u64,
+        kick: &Arc<Kick>,
+    ) -> Result<(), claims::ClaimError> {
+        self.inner.sessions.claim_developer(developer, conn, kick);
+        let Backend::Cluster(c) = &self.inner.backend else {
+            return Ok(());
+        };
+        let claimed = c.claims.claim_consumer(developer, conn, kick).await;
+        if claimed.is_err() {
+            self.inner.sessions.release_developer(developer, conn);
+        }
+        claimed
+    }
+
+    pub fn release_consumer(&self, developer: &Arc<str>, conn: u64) {
+        self.inner.sessions.release_developer(developer, conn);
+        if let Backend::Cluster(c) = &self.inner.backend {
+            c.claims.release_consumer(developer, conn);
         }
     }
 
