@@ -306,8 +306,12 @@ pub struct ClusterConfig {
     pub creds_file: Option<PathBuf>,
     /// Time to reach a NATS server at start.
     pub connect_timeout_ms: u64,
-    /// Time one JetStream request (a publish's ack, a stream lookup, a read) may take.
+    /// Time one JetStream request (a stream lookup, a read, a key-value operation) may take.
     pub request_timeout_ms: u64,
+    /// Time a publish waits for its ack before it is sent again (with the same message id,
+    /// so it is stored once): short, so a lost server costs a stall of about this plus the
+    /// stream's leader election.
+    pub ack_timeout_ms: u64,
     /// How long a stream keeps retrying readings JetStream did not acknowledge (a server
     /// lost, a leader being elected) before it gives up: its producers then get 1011 and
     /// nothing of what was not acknowledged is ever dispatched.
@@ -329,6 +333,7 @@ impl Default for ClusterConfig {
             creds_file: None,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,
+            ack_timeout_ms: 2_000,
             publish_retry_ms: 10_000,
             max_acks_pending: 4096,
         }
@@ -347,6 +352,7 @@ impl ClusterConfig {
         for (key, value) in [
             ("cluster.connect_timeout_ms", self.connect_timeout_ms),
             ("cluster.request_timeout_ms", self.request_timeout_ms),
+            ("cluster.ack_timeout_ms", self.ack_timeout_ms),
             ("cluster.publish_retry_ms", self.publish_retry_ms),
             ("cluster.max_acks_pending", self.max_acks_pending as u64),
         ] {

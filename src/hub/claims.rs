@@ -32,6 +32,8 @@ use crate::metrics::kv_operation;
 
 /// How long the claims bucket keeps a key after its last write.
 const CLAIM_TTL: Duration = Duration::from_secs(3600);
+/// How long a starting node tries to open its buckets before it gives up (exit 1).
+const STARTUP_RETRY: Duration = Duration::from_secs(60);
 /// How often a node writes its live claims again.
 const REFRESH_EVERY: Duration = Duration::from_secs(600);
 
@@ -75,14 +77,24 @@ impl Claims {
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        let tokens = ctx
-            .create_or_update_key_value(bucket("sg_tokens", Duration::from_secs(token_ttl_s + 60)))
-            .await
-            .map_err(kv_err)?;
-        let claims = ctx
-            .create_or_update_key_value(bucket("sg_claims", CLAIM_TTL))
-            .await
-            .map_err(kv_err)?;
+        // A cluster that has just started may not place a bucket yet: keep trying a while.
+        let open = |config: kv::Config| async move {
+            let mut wait = Duration::from_millis(100);
+            let started = std::time::Instant::now();
+            loop {
+                match ctx.create_or_update_key_value(config.clone()).await {
+                    Ok(store) => return Ok(store),
+                    Err(e) if started.elapsed() < STARTUP_RETRY => {
+                        tracing::warn!(bucket = %config.bucket, error = %e, "cannot open a key-value bucket yet; retrying");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => return Err(kv_err(e)),
+                }
+            }
+        };
+        let tokens = open(bucket("sg_tokens", Duration::from_secs(token_ttl_s + 60))).await?;
+        let claims = open(bucket("sg_claims", CLAIM_TTL)).await?;
         let this = Arc::new(Self {
             tokens,
             claims,
@@ -91,14 +103,19 @@ impl Claims {
             max_consumers: max_consumers.max(1),
         });
         let watch = this.claims.watch_with_history(">").await.map_err(kv_err)?;
-        tokio::spawn(watcher(Arc::downgrade(&this), watch));
+        tokio::spawn(watch_claims(Arc::downgrade(&this), watch));
         tokio::spawn(refresher(Arc::downgrade(&this)));
         Ok(this)
     }
 
     /// Burns a token id cluster-wide: refused if any node redeemed it before.
     pub async fn redeem(&self, jti: &str) -> Result<(), ClaimError> {
-        match self.tokens.create(jti, Bytes::new()).await {
+        let created = retrying(
+            || self.tokens.create(jti, Bytes::new()),
+            |e| e.kind() != kv::CreateErrorKind::AlreadyExists,
+        )
+        .await;
+        match created {
             Ok(_) => {
                 kv_operation("redeem", "ok");
                 Ok(())
@@ -147,7 +164,7 @@ impl Claims {
         let key = format!("{group}.{}.{conn}", self.node);
         // In the map before the write: the watch may report the write before `put` returns.
         self.local.insert(key.clone(), (kick.clone(), 0));
-        match self.claims.put(&key, Bytes::new()).await {
+        match retrying(|| self.claims.put(&key, Bytes::new()), |_| true).await {
             Ok(revision) => {
                 kv_operation("claim", "ok");
                 if let Some(mut e) = self.local.get_mut(&key) {
@@ -190,15 +207,61 @@ impl Claims {
     }
 }
 
+/// How long an operation is retried while JetStream cannot answer it (a server lost, the
+/// bucket's leader being elected: a few seconds on three servers).
+const RETRY_FOR: Duration = Duration::from_secs(8);
+
+/// Runs `op` until it succeeds, fails for good (`transient` false), or [`RETRY_FOR`] passed.
+async fn retrying<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    mut op: impl FnMut() -> F,
+    transient: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Err(e) if transient(&e) && started.elapsed() < RETRY_FOR => {
+                tracing::debug!(error = %e, "key-value operation failed; retrying");
+                kv_operation("retry", "error");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_millis(800));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// `u.<developer>.<user>`, the user id in URL-safe base64 (a key allows few characters).
 fn user_group(developer: &str, user: &str) -> String {
     let user = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(user);
     format!("u.{developer}.{user}")
 }
 
-/// Follows the claims bucket: each group's members in claim order; kicks this node's
-/// members that fell beyond their group's limit.
-async fn watcher(claims: std::sync::Weak<Claims>, mut watch: kv::Watch) {
+/// Follows the claims bucket for as long as the node runs: a watch that fails (a server
+/// lost) is started again from the bucket's current state.
+async fn watch_claims(claims: std::sync::Weak<Claims>, mut watch: kv::Watch) {
+    loop {
+        watcher(&claims, watch).await;
+        loop {
+            let Some(this) = claims.upgrade() else { return };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match this.claims.watch_with_history(">").await {
+                Ok(w) => {
+                    watch = w;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch cluster claims; retrying");
+                    kv_operation("watch", "error");
+                }
+            }
+        }
+    }
+}
+
+/// Keeps each group's members in claim order; kicks this node's members that fell beyond
+/// their group's limit. Returns when the watch fails or ends.
+async fn watcher(claims: &std::sync::Weak<Claims>, mut watch: kv::Watch) {
     let mut groups: HashMap<String, BTreeSet<(u64, String)>> = HashMap::new();
     let mut order: HashMap<String, u64> = HashMap::new();
     while let Some(entry) = watch.next().await {
@@ -206,9 +269,9 @@ async fn watcher(claims: std::sync::Weak<Claims>, mut watch: kv::Watch) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(error = %e, "watching cluster claims failed");
+                tracing::warn!(error = %e, "watching cluster claims failed; watching again");
                 kv_operation("watch", "error");
-                continue;
+                return;
             }
         };
         let Some((group, limit)) = this.group_of(&entry.key) else {

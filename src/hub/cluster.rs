@@ -78,6 +78,8 @@ impl Cluster {
 
 /// How long a tail with no subscriber is kept, so a consumer that reconnects finds it.
 const TAIL_LINGER: Duration = Duration::from_secs(30);
+/// How often a stream with subscribers checks that its tail still delivers.
+const WATCHDOG_EVERY: Duration = Duration::from_millis(750);
 /// First wait before sending an unacknowledged reading again; doubles up to a second.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
@@ -113,6 +115,7 @@ enum Wake {
     Resend,
     Live(Option<Result<Box<async_nats::jetstream::Message>, LogError>>),
     Linger,
+    Watchdog,
     Commands(usize),
 }
 
@@ -125,7 +128,7 @@ impl ClusterOwner {
         let mut subs: Vec<Subscriber> = Vec::new();
         let mut tail: Option<Tail> = None;
         if !waiting.is_empty() {
-            tail = self.open_tail(&js).await;
+            tail = self.open_tail(&js, true).await;
             let head = self.shared.durable.load(Ordering::SeqCst);
             for (sub, answer) in waiting {
                 if tail.is_some() && answer.send(head).is_ok() {
@@ -134,6 +137,10 @@ impl ClusterOwner {
             }
         }
         let mut idle_since = Instant::now();
+        let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The mark at the last tick, and whether JetStream was ahead of it then.
+        let mut watched = (0u64, false);
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut resend: Option<Resend> = None;
         let mut cmds = Vec::with_capacity(self.batch_max);
@@ -147,6 +154,7 @@ impl ClusterOwner {
                 _ = sleep_until(resend_at.unwrap_or_else(Instant::now).into()), if resend_at.is_some() => Wake::Resend,
                 m = next_live(&mut tail), if tail.is_some() => Wake::Live(m),
                 _ = sleep_until((idle_since + TAIL_LINGER).into()), if tail.is_some() && subs.is_empty() => Wake::Linger,
+                _ = watchdog.tick(), if tail.is_some() && !subs.is_empty() => Wake::Watchdog,
                 n = self.rx.recv_many(&mut cmds, self.batch_max), if taking => Wake::Commands(n),
             };
             match wake {
@@ -159,7 +167,7 @@ impl ClusterOwner {
                     }
                     tail = None;
                     if !subs.is_empty() {
-                        tail = self.open_tail(&js).await;
+                        tail = self.open_tail(&js, false).await;
                         if tail.is_none() {
                             // Without a tail the subscribers would wait forever: end them,
                             // they reconnect and REPLAY.
@@ -168,6 +176,28 @@ impl ClusterOwner {
                     }
                 }
                 Wake::Linger => tail = None,
+                Wake::Watchdog => {
+                    // A tail whose consumer vanished with a server may stay silent until the
+                    // client notices missed heartbeats (ten seconds or more). JetStream
+                    // ahead of the mark for two ticks in a row with nothing delivered: start
+                    // the tail again from the mark.
+                    let mark = self.shared.durable.load(Ordering::SeqCst);
+                    if mark != watched.0 {
+                        watched = (mark, false);
+                    } else if let Ok((_, last)) = js.bounds().await {
+                        let behind = last > mark;
+                        if behind && watched.1 {
+                            tracing::warn!(stream = %self.shared.id, mark, last, "stream tail stalled; reopening");
+                            tail = self.open_tail(&js, false).await;
+                            if tail.is_none() {
+                                subs.clear();
+                            }
+                            watched.1 = false;
+                        } else {
+                            watched.1 = behind;
+                        }
+                    }
+                }
                 Wake::Commands(0) => break,
                 Wake::Commands(_) => {
                     for cmd in cmds.drain(..) {
@@ -197,7 +227,7 @@ impl ClusterOwner {
                             }
                             Command::Subscribe { sub, head } => {
                                 if tail.is_none() {
-                                    tail = self.open_tail(&js).await;
+                                    tail = self.open_tail(&js, subs.is_empty()).await;
                                 }
                                 // Without a tail the subscriber's `head` is dropped: its
                                 // connection closes (1011) and the client comes back.
@@ -283,28 +313,43 @@ impl ClusterOwner {
             .store(now_ms() + FAILED_BACKOFF_MS, Ordering::Relaxed);
     }
 
-    /// Starts a tail at the durable mark (raised first to the stream's newest seq: a node
-    /// that had no tail knows nothing newer).
-    async fn open_tail(&self, js: &JsStream) -> Option<Tail> {
-        let opened = async {
-            let (first, last) = js.bounds().await?;
-            if let Source::Cluster { first: f, .. } = &self.shared.source {
-                f.fetch_max(first, Ordering::Relaxed);
+    /// Starts a tail right after the durable mark. For a stream without subscribers the mark
+    /// first jumps to the stream's newest seq (nobody here is owed anything older: a new
+    /// subscriber starts at the mark and REPLAYs the rest); with subscribers (a tail that
+    /// failed) it stays, so they get every reading in between live. Retried while JetStream
+    /// cannot answer (a leader being elected), for up to `publish_retry_ms`.
+    async fn open_tail(&self, js: &JsStream, jump: bool) -> Option<Tail> {
+        let started = Instant::now();
+        let mut backoff = RETRY_FIRST;
+        loop {
+            let opened = async {
+                let (first, last) = js.bounds().await?;
+                if let Source::Cluster { first: f, .. } = &self.shared.source {
+                    f.fetch_max(first, Ordering::Relaxed);
+                }
+                let mark = if jump {
+                    self.shared
+                        .durable
+                        .fetch_max(last, Ordering::SeqCst)
+                        .max(last)
+                } else {
+                    self.shared.durable.load(Ordering::SeqCst)
+                };
+                js.tail(mark + 1).await
+            };
+            match opened.await {
+                Ok(tail) => return Some(tail),
+                Err(e) if started.elapsed() < self.cluster.publish_retry => {
+                    tracing::warn!(stream = %self.shared.id, error = %e, "cannot tail the JetStream stream; retrying");
+                }
+                Err(e) => {
+                    tracing::error!(stream = %self.shared.id, error = %e, "cannot tail the JetStream stream");
+                    crate::metrics::handles().store_errors.increment(1);
+                    return None;
+                }
             }
-            let mark = self
-                .shared
-                .durable
-                .fetch_max(last, Ordering::SeqCst)
-                .max(last);
-            js.tail(mark + 1).await
-        };
-        match opened.await {
-            Ok(tail) => Some(tail),
-            Err(e) => {
-                tracing::error!(stream = %self.shared.id, error = %e, "cannot tail the JetStream stream");
-                crate::metrics::handles().store_errors.increment(1);
-                None
-            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 

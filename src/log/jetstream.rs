@@ -115,7 +115,11 @@ impl JetStream {
                         .js_connected
                         .set(if up { 1.0 } else { 0.0 });
                 }
-                tracing::warn!(event = %event, "nats");
+                if let Event::Connected = event {
+                    tracing::info!("nats connected");
+                } else {
+                    tracing::warn!(event = %event, "nats");
+                }
             });
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             options = options.user_and_password(user.clone(), password.clone());
@@ -137,7 +141,7 @@ impl JetStream {
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
-            .ack_timeout(request_timeout)
+            .ack_timeout(Duration::from_millis(config.ack_timeout_ms))
             // Each stream bounds its own acks pending; this only caps the node's total.
             .max_ack_inflight(1 << 20)
             .build(client.clone());

@@ -33,12 +33,13 @@ pub fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// One `nats-server` process.
+/// One `nats-server` process, run with deploy/cluster/nats-server.conf as shipped.
 pub struct Nats {
     pub name: String,
     pub port: u16,
     pub http_port: u16,
-    pub config: PathBuf,
+    env: Vec<(&'static str, String)>,
+    log: PathBuf,
     child: Option<Child>,
 }
 
@@ -48,11 +49,13 @@ impl Nats {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.config.with_extension("log")).unwrap();
+        let log = std::fs::File::create(&self.log).unwrap();
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cluster/nats-server.conf");
         self.child = Some(
             Command::new(nats_server())
                 .arg("-c")
-                .arg(&self.config)
+                .arg(config)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -81,8 +84,8 @@ impl Drop for Nats {
     }
 }
 
-/// `n` nats-servers clustered with JetStream (`sync_interval: always`, as deploy/ ships for
-/// strict deployments), each on its own store under a temporary directory.
+/// `n` nats-servers clustered with JetStream (`sync_interval: always`, as deploy/ ships),
+/// each on its own store under a temporary directory.
 pub struct NatsCluster {
     pub servers: Vec<Nats>,
     pub dir: tempfile::TempDir,
@@ -97,32 +100,28 @@ impl NatsCluster {
             .collect();
         let routes: Vec<String> = ports
             .iter()
-            .map(|(_, route, _)| format!("\"nats-route://127.0.0.1:{route}\""))
+            .map(|(_, route, _)| format!("nats-route://127.0.0.1:{route}"))
             .collect();
+        let routes = format!("[{}]", routes.join(", "));
         let mut servers = Vec::new();
         for (i, (port, route, http)) in ports.iter().enumerate() {
             let name = format!("n{}", i + 1);
             let store = dir.path().join(&name);
-            let cluster = if n > 1 {
-                format!(
-                    "cluster {{\n  name: sg\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
-                    routes.join(", ")
-                )
-            } else {
-                String::new()
-            };
-            let text = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n{cluster}",
-                store.display()
-            );
-            let config = dir.path().join(format!("{name}.conf"));
-            std::fs::write(&config, text).unwrap();
+            let env = vec![
+                ("NATS_NAME", name.clone()),
+                ("NATS_HOST", "127.0.0.1".into()),
+                ("NATS_PORT", port.to_string()),
+                ("NATS_CLUSTER_PORT", route.to_string()),
+                ("NATS_HTTP", format!("127.0.0.1:{http}")),
+                ("NATS_STORE", store.display().to_string()),
+                ("NATS_ROUTES", routes.clone()),
+            ];
             let mut s = Nats {
+                log: dir.path().join(format!("{name}.log")),
                 name,
                 port: *port,
                 http_port: *http,
-                config,
+                env,
                 child: None,
             };
             s.spawn();
@@ -155,7 +154,7 @@ impl NatsCluster {
                     return;
                 }
             }
-            let log = std::fs::read_to_string(s.config.with_extension("log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
             assert!(
                 started.elapsed() < WAIT * 2,
                 "nats-server {} is not healthy:\n{log}",
@@ -174,4 +173,130 @@ pub fn node_config(config: &mut Config, urls: Vec<String>, replicas: usize) {
         stream_replicas: replicas,
         ..ClusterConfig::default()
     });
+}
+
+/// A sensorgate node as a real process (for kill -9 and SIGTERM), in cluster mode on `urls`.
+pub struct ProcNode {
+    pub process: Option<super::Process>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl ProcNode {
+    pub async fn start(urls: &[String], extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = super::free_port();
+        let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
+        let cfg = super::write_config(
+            dir.path(),
+            port,
+            &format!(
+                "token_secret = \"{SECRET}\"\n{extra}\n[cluster]\nnats_urls = [{}]\nstream_replicas = 3\n",
+                urls.join(", ")
+            ),
+        );
+        let process = super::Process::start(&cfg, port).await;
+        Self {
+            process: Some(process),
+            port,
+            dir,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        format!("127.0.0.1:{}", self.port).parse().unwrap()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.kill9();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().expect("running").child.id()
+    }
+
+    /// Live connections by role, from the node's own scrape (0 if it does not answer).
+    pub async fn connections(&self, role: &str) -> f64 {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            super::http(self.addr(), "GET", "/metrics", &[]),
+        )
+        .await
+        {
+            Ok((200, body)) => {
+                super::metric(&body, &format!("sensorgate_connections{{role=\"{role}\"}}"))
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// haproxy (Debian's) in front of the nodes, with deploy/haproxy.cfg as shipped.
+pub struct Haproxy {
+    pub addr: SocketAddr,
+    pub stats: SocketAddr,
+    child: Child,
+}
+
+impl Haproxy {
+    pub async fn start(nodes: &[SocketAddr; 3]) -> Self {
+        let ports = free_ports(2);
+        let addr: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+        let stats: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+        let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg");
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(config)
+            .arg("-db")
+            .env("SG_LISTEN", addr.to_string())
+            .env("SG_STATS", stats.to_string())
+            .env("SG_NODE1", nodes[0].to_string())
+            .env("SG_NODE2", nodes[1].to_string())
+            .env("SG_NODE3", nodes[2].to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy runs (Debian package haproxy; .ci/run installs it)");
+        let h = Self { addr, stats, child };
+        h.wait_up(3).await;
+        h
+    }
+
+    /// Servers haproxy has in rotation, from its stats CSV.
+    pub async fn up(&self) -> usize {
+        if TcpStream::connect(self.stats).await.is_err() {
+            return 0;
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            super::http(self.stats, "GET", "/;csv", &[]),
+        )
+        .await
+        {
+            Ok((200, csv)) => csv
+                .lines()
+                .filter(|l| l.starts_with("nodes,n"))
+                .filter(|l| l.split(',').nth(17) == Some("UP"))
+                .count(),
+            _ => 0,
+        }
+    }
+
+    /// Waits until exactly `n` servers are in rotation.
+    pub async fn wait_up(&self, n: usize) {
+        let started = Instant::now();
+        while self.up().await != n {
+            assert!(started.elapsed() < WAIT, "haproxy never had {n} servers up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
