@@ -1161,6 +1161,25 @@ mod tests {
                 "deploy/sensorgate.toml lacks {key}"
             );
         }
+        // The [cluster] keys, indented under their table, with their defaults too.
+        let cluster: String = example
+            .split("# [cluster]\n")
+            .nth(1)
+            .expect("the example has a [cluster] section")
+            .lines()
+            .filter_map(|l| l.strip_prefix("#   "))
+            .filter(|l| {
+                !["node_id", "user", "password", "token ", "creds_file"]
+                    .iter()
+                    .any(|k| l.starts_with(k))
+            })
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap_or(l)))
+            .collect();
+        let parsed: ClusterConfig = toml::from_str(&cluster).expect("the [cluster] example parses");
+        assert_eq!(parsed, ClusterConfig::default());
+        for key in ["node_id", "user", "password", "token", "creds_file"] {
+            assert!(example.contains(&format!("#   {key} = ")), "{key}");
+        }
         for key in [
             "token_secret",
             "developers",

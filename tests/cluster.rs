@@ -156,3 +156,140 @@ async fn the_newer_connection_wins_across_nodes() {
         ("wearer", "HEART_RATE", r#"{"bpm":61}"#)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_jetstream_a_node_is_not_ready_and_producers_get_1011() {
+    let mut nats = NatsCluster::start(3).await;
+    let node = TestServer::start_with(|c| {
+        node_config(c, nats.urls(), 3);
+        if let Some(cluster) = &mut c.cluster {
+            cluster.publish_retry_ms = 1500;
+        }
+    })
+    .await;
+    let mut producer = node.producer("wearer").await;
+    let mut witness = node.consumer().await;
+    producer.submit("STEPS", r#"{"n":1}"#).await;
+    assert_eq!(
+        dispatch(&witness.recv().await).0,
+        1,
+        "stored before the servers go"
+    );
+    drop(witness);
+    assert_eq!(http(node.addr, "GET", "/readyz", &[]).await.0, 200);
+
+    for s in &mut nats.servers {
+        s.kill9();
+    }
+    let started = std::time::Instant::now();
+    while http(node.addr, "GET", "/readyz", &[]).await.0 != 503 {
+        assert!(started.elapsed() < WAIT, "/readyz stayed 200 without NATS");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Readings JetStream cannot take are retried for publish_retry_ms, then the producer is
+    // closed with 1011.
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            producer.submit("STEPS", r#"{"n":2}"#).await;
+            match tokio::time::timeout(
+                std::time::Duration::from_millis(100),
+                futures_util::StreamExt::next(&mut producer.ws),
+            )
+            .await
+            {
+                Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))))) => {
+                    return u16::from(f.code)
+                }
+                Ok(None | Some(Err(_))) => return 0,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the producer is closed while JetStream is gone");
+    assert_eq!(closed, 1011);
+
+    // The servers come back (same stores): the node is ready again and takes readings.
+    for s in &mut nats.servers {
+        s.restart();
+    }
+    for s in &nats.servers {
+        nats.wait_healthy(s).await;
+    }
+    let started = std::time::Instant::now();
+    while http(node.addr, "GET", "/readyz", &[]).await.0 != 200 {
+        assert!(started.elapsed() < WAIT * 2, "/readyz never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let scrape = node.metrics().await;
+    assert!(
+        metric(
+            &scrape,
+            r#"sensorgate_nats_events_total{event="disconnected"}"#
+        ) >= 1.0,
+        "{scrape}"
+    );
+    assert!(metric(&scrape, "sensorgate_jetstream_publish_retries_total") >= 1.0);
+    let mut consumer = node.consumer().await;
+    consumer.send(r#"{"op":7,"d":{"after":0}}"#).await;
+    let (seq, _, _, d) = dispatch(&consumer.recv().await);
+    assert_eq!((seq, d.as_str()), (1, r#"{"n":1}"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stomp_stream_topics_and_lagging_consumers_behave_as_on_one_node() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, |c| {
+        c.max_consumers_per_developer = 4;
+        c.consumer_queue_max = 64;
+    })
+    .await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+
+    // A consumer that reads nothing while 4,000 readings of ~1 KB go its way falls behind
+    // (its socket, then its 64-frame outbox fill); then it catches up from JetStream.
+    let t = b.token("/auth/developer").await;
+    let mut slow = Client::consumer_small_window(b.addr, &t).await;
+    let pad = "x".repeat(1000);
+    let mut producer = a.producer("u-1").await;
+    for i in 1..=4000 {
+        producer
+            .submit("STEPS", &format!(r#"{{"n":{i},"p":"{pad}"}}"#))
+            .await;
+    }
+    producer.ping().await;
+    // The STOMP view of the same stream on a third node, from seq 3998 on.
+    let dev = c.token("/auth/developer").await;
+    let (mut stomp, _) = common::stomp::Stomp::connected(
+        c,
+        &format!("accept-version:1.2\nhost:x\npasscode:{dev}\n"),
+    )
+    .await;
+    stomp
+        .send_synced(
+            "SUBSCRIBE\nid:mine\ndestination:/topic/streams/acme\nreplay-after:3997\n\n\0",
+            "sub",
+        )
+        .await;
+    for seq in 3998..=4000u64 {
+        let m = stomp.frame().await;
+        assert!(m.contains(&format!("\nseq:{seq}\n")), "{m}");
+    }
+    for seq in 1..=4000u64 {
+        assert_eq!(dispatch(&slow.recv().await).0, seq);
+    }
+    producer.submit("STEPS", r#"{"n":0}"#).await;
+    assert_eq!(
+        dispatch(&slow.recv().await).0,
+        4001,
+        "back on live delivery"
+    );
+    let m = stomp.frame().await;
+    assert!(m.contains("\nseq:4001\n"), "{m}");
+    let scrape = b.metrics().await;
+    assert!(
+        metric(&scrape, "sensorgate_consumer_lags_total") >= 1.0,
+        "{scrape}"
+    );
+    assert!(metric(&scrape, "sensorgate_catchup_frames_total") >= 1.0);
+}

@@ -367,15 +367,18 @@ async fn soak_node_kills_under_load() {
     let uids: [&'static str; 10] = ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"];
     let mut totals = (0u64, 0u64, 0u64, 0u64);
     let mut failovers = Vec::new();
+    let mut report = Vec::new();
     for round in 0..rounds {
         let mut c = Cluster::start("").await;
         let uid = uids[round % uids.len()];
         let (dispatched, lost, duplicated, reused, failover) =
             kill_the_consumers_node(&mut c, uid, n).await;
-        eprintln!(
+        let line = format!(
             "soak round {round}: dispatched {dispatched} lost {lost} duplicated {duplicated} seq_reused {reused} failover_ms {}",
             failover.as_millis()
         );
+        eprintln!("{line}");
+        report.push(line);
         totals.0 += dispatched;
         totals.1 += lost;
         totals.2 += duplicated;
@@ -392,5 +395,10 @@ async fn soak_node_kills_under_load() {
         totals.3,
         p50.as_millis()
     );
-    assert_eq!((totals.1, totals.2, totals.3), (0, 0, 0));
+    assert_eq!(
+        (totals.1, totals.2, totals.3),
+        (0, 0, 0),
+        "lost, duplicated, seq reused:\n{}",
+        report.join("\n")
+    );
 }

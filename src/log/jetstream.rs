@@ -245,8 +245,32 @@ impl JsStream {
     }
 
     /// Reads stored readings with `after < seq < before` into `out`, within `limit` (the
-    /// first whatever its size), through a short-lived consumer.
+    /// first whatever its size), through a short-lived consumer. A read JetStream cannot
+    /// answer yet (a consumer being placed, a leader being elected) is tried again, up to
+    /// the request timeout.
     pub async fn read(
+        &self,
+        after: u64,
+        before: u64,
+        limit: ReadLimit,
+        out: &mut Vec<Entry>,
+    ) -> Result<(), LogError> {
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_millis(20);
+        loop {
+            out.clear();
+            match self.read_once(after, before, limit, out).await {
+                Err(e) if started.elapsed() < self.request_timeout => {
+                    tracing::debug!(error = %e, "stream read failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(500));
+                }
+                done => return done,
+            }
+        }
+    }
+
+    async fn read_once(
         &self,
         after: u64,
         before: u64,

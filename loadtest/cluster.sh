@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Cluster benchmark (BENCHMARKS.md, "Cluster"): on loopback, three nats-servers clustered
+# with JetStream (deploy/cluster/nats-server.conf as shipped: R3, sync_interval always; n1
+# also serves NATS over WebSocket for wsbench), three sensorgate nodes in cluster mode behind
+# haproxy (deploy/haproxy.cfg as shipped), and one embedded node (strict). Then, in
+# alternating rounds, the same loads against:
+#   js        JetStream itself: wsbench --js (publish with acks, push consumers), stream R3
+#   cluster   sensorgate through haproxy, wsbench --broker sg (the same client)
+#   embedded  one embedded sensorgate node, wsbench --broker sg
+# each as fast as possible and at 10,000 readings/s (4 producers x 2,500/s), plus
+# sensorgate-load relay through haproxy and against the embedded node.
+# Everything is bounded (message counts, --timeout-s) and talks to 127.0.0.1 only.
+#
+# Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
+# tests/cluster/.venv/bin/nats-server, which the tests install) and wsbench built from
+# ../shared/bench/wsbench (WSBENCH=path; see its README).
+# Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${1:-3}
+M=${2:-50000}
+NS=${NATS_SERVER:-$ROOT/tests/cluster/.venv/bin/nats-server}
+SG=$ROOT/target/release/sensorgate
+LOAD=$ROOT/target/release/sensorgate-load
+W=${WSBENCH:-/tmp/wsbench/target/release/wsbench}
+WORK=$(mktemp -d /tmp/sg-cluster-bench.XXXXXX)
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_http() { # URL: until it answers 200
+  for _ in $(seq 1 200); do
+    curl -sf -o /dev/null "$1" && return 0
+    sleep 0.1
+  done
+  echo "no answer from $1" >&2
+  exit 2
+}
+
+# --- three nats-servers ---
+cp "$ROOT/deploy/cluster/nats-server.conf" "$WORK/base.conf"
+printf 'include ./base.conf\nwebsocket {\n  host: 127.0.0.1\n  port: 17580\n  no_tls: true\n  compression: false\n}\n' >"$WORK/n1.conf"
+R='[nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222, nats-route://127.0.0.1:16223]'
+for i in 1 2 3; do
+  conf="$WORK/base.conf"
+  [ "$i" = 1 ] && conf="$WORK/n1.conf"
+  NATS_NAME=n$i NATS_HOST=127.0.0.1 NATS_PORT=1422$i NATS_CLUSTER_PORT=1622$i \
+    NATS_HTTP=127.0.0.1:1822$i NATS_STORE="$WORK/nats$i" NATS_ROUTES="$R" \
+    "$NS" -c "$conf" 2>"$WORK/nats$i.log" &
+done
+for i in 1 2 3; do wait_http "http://127.0.0.1:1822$i/healthz"; done
+
+# The stream JetStream is measured on, shaped as a developer's: R3, file storage.
+create='{"name":"BENCH","subjects":["bench.>"],"storage":"file","num_replicas":3}'
+exec 3<>/dev/tcp/127.0.0.1/14221
+printf 'CONNECT {"verbose":false}\r\nSUB _bench.create 1\r\nPUB $JS.API.STREAM.CREATE.BENCH _bench.create %d\r\n%s\r\nPING\r\n' \
+  "${#create}" "$create" >&3
+timeout 10 grep -m1 -q 'MSG _bench.create' <&3 || { echo "BENCH stream not created" >&2; exit 2; }
+exec 3>&-
+
+# --- sensorgate: three cluster nodes behind haproxy, one embedded node ---
+devs=""
+for d in 0 1 2 3; do devs="$devs[[developers]]\nid = \"d$d\"\napi_key = \"k$d\"\n"; done
+printf 'token_secret = "bench-secret-0123456789abcdef0123456789"\nmax_connections = 8000\n[cluster]\nnats_urls = ["nats://127.0.0.1:14221", "nats://127.0.0.1:14222", "nats://127.0.0.1:14223"]\nstream_replicas = 3\n'"$devs" >"$WORK/node.toml"
+printf "$devs" >"$WORK/embedded.toml"
+for i in 1 2 3; do
+  SENSORGATE_LOG=warn "$SG" --config "$WORK/node.toml" --listen 127.0.0.1:1808$i --data-dir "$WORK/sg$i" 2>"$WORK/sg$i.log" &
+done
+SENSORGATE_LOG=warn "$SG" --config "$WORK/embedded.toml" --listen 127.0.0.1:18090 --data-dir "$WORK/emb" 2>"$WORK/emb.log" &
+for p in 18081 18082 18083 18090; do wait_http "http://127.0.0.1:$p/readyz"; done
+SG_LISTEN=127.0.0.1:18080 SG_STATS=127.0.0.1:18404 SG_NODE1=127.0.0.1:18081 \
+  SG_NODE2=127.0.0.1:18082 SG_NODE3=127.0.0.1:18083 haproxy -f "$ROOT/deploy/haproxy.cfg" -db >/dev/null 2>&1 &
+sleep 2
+wait_http "http://127.0.0.1:18080/readyz"
+
+SGDEV='d0:k0,d1:k1,d2:k2,d3:k3'
+run() { # NAME ARGS...: one wsbench line, tagged
+  local name=$1
+  shift
+  "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" || echo "$name failed (exit $?)"
+}
+for r in $(seq 1 "$ROUNDS"); do
+  echo "# round $r"
+  run "js max" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M "$M"
+  run "cluster max" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
+  run "embedded max" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
+  run "js 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M 25000 --rate 2500
+  run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
+  run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
+done
+echo "# sensorgate-load relay, 4 producers -> 4 developers"
+for target in 18080 18090; do
+  "$LOAD" --url ws://127.0.0.1:$target --dev d0:k0 --dev d1:k1 --dev d2:k2 --dev d3:k3 -q \
+    relay --producers 4 --developers 4 --count "$M" 2>&1 | sed "s/^/[$target] /" | grep -E 'readings/s|p50|p99|lost|dup|order' || true
+done
