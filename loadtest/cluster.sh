@@ -14,7 +14,7 @@
 # Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
 # tests/cluster/.venv/bin/nats-server, which the tests install) and wsbench built from
 # ../shared/bench/wsbench (WSBENCH=path; see its README).
-# Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]
+# Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
@@ -42,6 +42,8 @@ wait_http() { # URL: until it answers 200
 
 # --- three nats-servers ---
 cp "$ROOT/deploy/cluster/nats-server.conf" "$WORK/base.conf"
+# NATS_SYNC=default measures JetStream's default flushing instead of the shipped `always`.
+if [ "${NATS_SYNC:-always}" = default ]; then sed -i '/sync_interval: always/d' "$WORK/base.conf"; fi
 printf 'include ./base.conf\nwebsocket {\n  host: 127.0.0.1\n  port: 17580\n  no_tls: true\n  compression: false\n}\n' >"$WORK/n1.conf"
 R='[nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222, nats-route://127.0.0.1:16223]'
 for i in 1 2 3; do
@@ -50,6 +52,7 @@ for i in 1 2 3; do
   NATS_NAME=n$i NATS_HOST=127.0.0.1 NATS_PORT=1422$i NATS_CLUSTER_PORT=1622$i \
     NATS_HTTP=127.0.0.1:1822$i NATS_STORE="$WORK/nats$i" NATS_ROUTES="$R" \
     "$NS" -c "$conf" 2>"$WORK/nats$i.log" &
+  NATS_PIDS="${NATS_PIDS:-} $!"
 done
 for i in 1 2 3; do wait_http "http://127.0.0.1:1822$i/healthz"; done
 
@@ -68,19 +71,35 @@ printf 'token_secret = "bench-secret-0123456789abcdef0123456789"\nmax_connection
 printf "$devs" >"$WORK/embedded.toml"
 for i in 1 2 3; do
   SENSORGATE_LOG=warn "$SG" --config "$WORK/node.toml" --listen 127.0.0.1:1808$i --data-dir "$WORK/sg$i" 2>"$WORK/sg$i.log" &
+  NODE_PIDS="${NODE_PIDS:-} $!"
 done
 SENSORGATE_LOG=warn "$SG" --config "$WORK/embedded.toml" --listen 127.0.0.1:18090 --data-dir "$WORK/emb" 2>"$WORK/emb.log" &
+EMB_PID=$!
 for p in 18081 18082 18083 18090; do wait_http "http://127.0.0.1:$p/readyz"; done
 SG_LISTEN=127.0.0.1:18080 SG_STATS=127.0.0.1:18404 SG_NODE1=127.0.0.1:18081 \
   SG_NODE2=127.0.0.1:18082 SG_NODE3=127.0.0.1:18083 haproxy -f "$ROOT/deploy/haproxy.cfg" -db >/dev/null 2>&1 &
+HAPROXY_PID=$!
 sleep 2
 wait_http "http://127.0.0.1:18080/readyz"
 
 SGDEV='d0:k0,d1:k1,d2:k2,d3:k3'
-run() { # NAME ARGS...: one wsbench line, tagged
+ticks() { # PIDS...: their CPU time so far, in clock ticks
+  local t=0 pid
+  for pid in "$@"; do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat")))
+  done
+  echo "$t"
+}
+run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each group used
   local name=$1
   shift
+  [[ "$name" =~ ${ONLY:-.} ]] || return 0
+  local n0 s0 e0 h0
+  n0=$(ticks $NATS_PIDS) s0=$(ticks $NODE_PIDS) e0=$(ticks $EMB_PID) h0=$(ticks $HAPROXY_PID)
   "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" || echo "$name failed (exit $?)"
+  local hz
+  hz=$(getconf CLK_TCK)
+  echo "  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
 }
 for r in $(seq 1 "$ROUNDS"); do
   echo "# round $r"
@@ -91,6 +110,7 @@ for r in $(seq 1 "$ROUNDS"); do
   run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
   run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
 done
+[ -n "${ONLY:-}" ] && exit 0
 echo "# sensorgate-load relay, 4 producers -> 4 developers"
 for target in 18080 18090; do
   "$LOAD" --url ws://127.0.0.1:$target --dev d0:k0 --dev d1:k1 --dev d2:k2 --dev d3:k3 -q \

@@ -17,12 +17,15 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Every DISPATCH a consumer saw, by seq: a second frame for a seq is a duplicate if it is
-/// the same reading, a reused seq if not.
+/// the same reading, a reused seq if not; a reading seen under two seqs (stored twice) is a
+/// duplicate too.
 #[derive(Default)]
 struct Tally {
     seen: BTreeMap<u64, String>,
     /// Distinct readings per uid.
     per_uid: std::collections::HashMap<String, u64>,
+    /// Every reading, to catch one stored twice (under two seqs).
+    readings: std::collections::HashSet<String>,
     duplicated: u64,
     reused: u64,
 }
@@ -35,6 +38,10 @@ impl Tally {
             Some(old) if *old == reading => self.duplicated += 1,
             Some(_) => self.reused += 1,
             None => {
+                if !self.readings.insert(reading.clone()) {
+                    // The same reading under a second seq: stored twice.
+                    self.duplicated += 1;
+                }
                 self.seen.insert(seq, reading);
                 *self.per_uid.entry(uid).or_default() += 1;
             }

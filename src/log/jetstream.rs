@@ -81,6 +81,8 @@ pub struct JetStream {
     replicas: usize,
     retention: Retention,
     request_timeout: Duration,
+    /// How long JetStream remembers a message id: as long as a reading can be retried.
+    duplicate_window: Duration,
 }
 
 impl JetStream {
@@ -145,12 +147,17 @@ impl JetStream {
             // Each stream bounds its own acks pending; this only caps the node's total.
             .max_ack_inflight(1 << 20)
             .build(client.clone());
+        // The last retry of a reading comes at most `publish_retry_ms` after its first
+        // failure, itself an ack timeout after the publish; its own ack may take another.
+        let duplicate_window =
+            Duration::from_millis(config.publish_retry_ms + 2 * config.ack_timeout_ms + 5_000);
         Ok(Self {
             client,
             js,
             replicas: config.stream_replicas,
             retention,
             request_timeout,
+            duplicate_window,
         })
     }
 
@@ -177,7 +184,9 @@ impl JetStream {
             max_age: Duration::from_secs(self.retention.max_age_s),
             max_messages: self.retention.max_per_stream as i64,
             discard: stream::DiscardPolicy::Old,
-            duplicate_window: Duration::from_secs(120),
+            // Short on purpose: the servers keep every id of the window in memory and on
+            // each replica; two minutes (the default) cost more CPU than the readings.
+            duplicate_window: self.duplicate_window,
             ..Default::default()
         };
         self.js
