@@ -6,7 +6,7 @@
 //! # Architecture
 //! ```text
 //! main ──> server ──> conn ──> frontend   (wire protocols: pure, no I/O)
-//!                        └──> hub ──> log (durable sequenced store: sled)
+//!                        └──> hub ──> log (durable sequenced store: sled, or JetStream)
 //! auth, metrics, config, shutdown: used by all, import nothing above them
 //! ```
 //! - [`config`]: schema, defaults, file + env + flags.
@@ -17,8 +17,10 @@
 //! - [`frontend`]: the opcode protocol (seed 001), STOMP (seeds 000 and 002) and BIMserver's
 //!   notification endpoint with its JSON API (seed 003): frames and session rules.
 //! - [`hub`]: streams, seq assignment by one owner per stream, live topics, the endpoint
-//!   registry and progress topics, fan-out, slow consumers, duplicate connections, retention.
-//! - [`log`]: the store traits and the sled implementation with group commit.
+//!   registry and progress topics, fan-out, slow consumers, duplicate connections, retention;
+//!   in cluster mode the stream owners on JetStream and the cluster-wide claims.
+//! - [`log`]: the store traits and the sled implementation with group commit; the JetStream
+//!   log of cluster mode.
 //! - [`auth`]: developers, API keys, single-use tokens.
 //!
 //! A SUBMIT's path: socket → `conn` (frames parsed in place, size capped, fragments joined) →
