@@ -30,8 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::sleep_until;
 
 use super::claims::Claims;
-use super::stream::{fan_out, now_ms, Command, Shared, Source, Subscriber, FAILED_BACKOFF_MS};
-use super::types::Batch;
+use super::stream::{
+    now_ms, offer_durable, Command, Shared, Source, Subscriber, FAILED_BACKOFF_MS,
+};
 use crate::log::jetstream::{self, JetStream, JsStream, Tail};
 use crate::log::LogError;
 
@@ -412,23 +413,12 @@ impl ClusterOwner {
         published_ns: Option<i128>,
         subs: &mut Vec<Subscriber>,
     ) {
-        let metrics = crate::metrics::handles();
-        let last = first + frames.len() as u64 - 1;
-        // The mark first, then the subscribers: see `StreamHandle::read`.
-        self.shared.durable.fetch_max(last, Ordering::SeqCst);
-        metrics.commit_readings.record(frames.len() as f64);
-        let bytes = frames.iter().map(Bytes::len).sum();
-        let batch = Arc::new(Batch {
-            first_seq: first,
-            frames,
-            bytes,
-        });
-        fan_out(subs, &batch);
+        offer_durable(&self.shared, first, frames, subs);
         if let Some(ns) = published_ns {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i128);
-            metrics
+            crate::metrics::handles()
                 .dispatch_latency
                 .record((now - ns).max(0) as f64 / 1e9);
         }

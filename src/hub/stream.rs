@@ -388,18 +388,8 @@ impl Owner {
         subs: &mut Vec<Subscriber>,
     ) {
         let metrics = crate::metrics::handles();
-        let last = first + frames.len() as u64 - 1;
-        // The mark first, then the subscribers: see `StreamHandle::read`.
-        self.shared.durable.store(last, Ordering::SeqCst);
         metrics.readings_stored.increment(frames.len() as u64);
-        metrics.commit_readings.record(frames.len() as f64);
-        let bytes = frames.iter().map(Bytes::len).sum();
-        let batch = Arc::new(Batch {
-            first_seq: first,
-            frames,
-            bytes,
-        });
-        fan_out(subs, &batch);
+        offer_durable(&self.shared, first, frames, subs);
         if let Some(t) = oldest {
             metrics.dispatch_latency.record(t.elapsed().as_secs_f64());
         }
@@ -472,8 +462,31 @@ impl Reservation {
     }
 }
 
-pub(super) fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
+fn fan_out(subs: &mut Vec<Subscriber>, batch: &Arc<Batch>) {
     subs.retain(|s| s.offer(batch));
+}
+
+/// Raises the stream's mark past readings `first..` (durable as the mode promises), then
+/// offers them to the subscribers as one shared batch. The mark first: see
+/// `StreamHandle::read`. Both owners, embedded and cluster, dispatch through here.
+pub(super) fn offer_durable(
+    shared: &Shared,
+    first: u64,
+    frames: Vec<Bytes>,
+    subs: &mut Vec<Subscriber>,
+) {
+    let last = first + frames.len() as u64 - 1;
+    shared.durable.fetch_max(last, Ordering::SeqCst);
+    crate::metrics::handles()
+        .commit_readings
+        .record(frames.len() as f64);
+    let bytes = frames.iter().map(Bytes::len).sum();
+    let batch = Arc::new(Batch {
+        first_seq: first,
+        frames,
+        bytes,
+    });
+    fan_out(subs, &batch);
 }
 
 /// Goes to the back of the run queue once. Unlike `tokio::task::yield_now`, which defers
