@@ -197,7 +197,7 @@ impl JetStream {
         Ok(JsStream {
             js: self.js.clone(),
             stream,
-            subject,
+            subject: async_nats::Subject::from(subject),
             request_timeout: self.request_timeout,
         })
     }
@@ -212,7 +212,8 @@ impl JetStream {
 pub struct JsStream {
     js: jetstream::Context,
     stream: jetstream::stream::Stream<()>,
-    subject: String,
+    /// Cloned per publish: a reference count, not a copy of the string.
+    subject: async_nats::Subject,
     request_timeout: Duration,
 }
 
