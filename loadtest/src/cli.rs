@@ -144,6 +144,12 @@ pub struct DiskFloorArgs {
     /// Bytes written per reading (a SUBMIT of the relay scenario's default size stores ~150).
     #[arg(long, short, default_value_t = 150)]
     pub size: usize,
+
+    /// Append to a growing file instead of writing into one preallocated up front (as the
+    /// server does with each 64 MiB segment): each `fdatasync` then allocates blocks and
+    /// grows the file too.
+    #[arg(long)]
+    pub append: bool,
 }
 
 /// Options of `stomp`.

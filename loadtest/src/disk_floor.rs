@@ -1,8 +1,10 @@
 //! `sensorgate-load disk-floor`: what `durability = "strict"` could at best promise on a disk.
 //!
 //! Readings arrive at `--rate` on one thread; one commit thread does what strict mode's
-//! commit thread does at the least — gathers every reading that has arrived, appends them
-//! with one `pwrite` to one file and waits for one `fdatasync` — and records each reading's
+//! commit thread does at the least — gathers every reading that has arrived, writes them
+//! with one `pwrite` after the previous ones in one file (preallocated with `fallocate`, as
+//! the server's segments are, unless `--append`) and waits for one `fdatasync` — and
+//! records each reading's
 //! arrival→synced time. No network, no parsing, no index: the latency that is left is the
 //! disk's. A strict server's SUBMIT→DISPATCH tail divided by this one is the cost of
 //! everything else. Owns its file (created in `--dir`, removed at the end); shares no code
@@ -72,6 +74,13 @@ pub fn run(args: &DiskFloorArgs) -> Result<DiskFloorReport> {
         .write(true)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
+    if !args.append {
+        let needed = (args.rate * duration.as_secs_f64()) as u64 * args.size as u64;
+        let len = needed.max(64 << 20);
+        rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, len)
+            .context("fallocate (try --append on a file system without it)")?;
+        file.sync_all().context("syncing the preallocated file")?;
+    }
     let queue = Arc::new(Queue::default());
     let committer = {
         let queue = Arc::clone(&queue);
