@@ -14,13 +14,14 @@
 # Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
 # tests/cluster/.venv/bin/nats-server, which the tests install) and wsbench built from
 # ../shared/bench/wsbench (WSBENCH=path; see its README).
-# Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name)
+# Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name;
+# SENSORGATE=path measures another build of the server)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
 M=${2:-50000}
 NS=${NATS_SERVER:-$ROOT/tests/cluster/.venv/bin/nats-server}
-SG=$ROOT/target/release/sensorgate
+SG=${SENSORGATE:-$ROOT/target/release/sensorgate}
 LOAD=$ROOT/target/release/sensorgate-load
 W=${WSBENCH:-/tmp/wsbench/target/release/wsbench}
 WORK=$(mktemp -d /tmp/sg-cluster-bench.XXXXXX)

@@ -72,7 +72,8 @@ pub const PROGRESS_UPDATES: &str = "sensorgate_progress_updates_total";
 pub const JS_PUBLISH_SECONDS: &str = "sensorgate_jetstream_publish_seconds";
 /// Cluster mode: publishes sent and not yet acknowledged, all streams of the node.
 pub const JS_ACKS_PENDING: &str = "sensorgate_jetstream_acks_pending";
-/// Cluster mode: publishes sent again after JetStream did not acknowledge them.
+/// Cluster mode: attempts to send again readings JetStream did not acknowledge (each reads
+/// the stream back first after a failure).
 pub const JS_RETRIES: &str = "sensorgate_jetstream_publish_retries_total";
 /// Cluster mode: NATS connection events, by event (connected, disconnected, ...).
 pub const JS_EVENTS: &str = "sensorgate_nats_events_total";
@@ -428,7 +429,7 @@ fn describe() {
     );
     describe_counter!(
         JS_RETRIES,
-        "Cluster mode: publishes sent again after JetStream did not acknowledge them"
+        "Cluster mode: attempts to send again readings JetStream did not acknowledge"
     );
     describe_counter!(JS_EVENTS, "Cluster mode: NATS connection events, by event");
     describe_gauge!(JS_CONNECTED, "Cluster mode: 1 while connected to NATS");

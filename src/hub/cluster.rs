@@ -2,11 +2,11 @@
 //!
 //! JetStream, not the node, assigns seqs, so the owner has two jobs that do not wait on each
 //! other. **Publishing**: the node's SUBMITs for the stream go to JetStream in the order they
-//! were queued, with up to `max_acks_pending` acks outstanding; every publish carries a
-//! message id, so a retry after a lost ack is stored once. When JetStream does not
-//! acknowledge one (a server lost, a leader being elected), the owner stops taking new
-//! readings and sends the unacknowledged ones again, one at a time and in order, for up to
-//! `publish_retry_ms`; then it gives up: the stream refuses publishes for a while (producers
+//! were queued, on the node's own subject, with up to `max_acks_pending` acks outstanding.
+//! When JetStream does not acknowledge one (a server lost, a leader being elected), the
+//! owner stops taking new readings, reads back which of the unacknowledged ones the stream
+//! holds all the same (`log::jetstream`: a retry stores nothing twice), and sends the rest
+//! again, one at a time and in order, for up to `publish_retry_ms`; then it gives up: the stream refuses publishes for a while (producers
 //! get 1011) and what was not acknowledged is never dispatched. **Live delivery**: while
 //! this node has subscribers, an ordered consumer tails the stream; what it delivers is
 //! stored on a quorum of the stream's replicas, so its seq is the durable mark, raised before
@@ -16,7 +16,7 @@
 //! Must not know about connections or protocols: it shares [`Subscriber`] and [`Batch`] with
 //! the embedded owner.
 
-use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
@@ -45,8 +45,9 @@ pub struct Cluster {
     /// How long unacknowledged readings are retried before their producers get 1011.
     pub publish_retry: Duration,
     pub max_acks_pending: usize,
-    /// Message ids are `<node>.<boot>.<n>`: unique across nodes and restarts.
-    boot: String,
+    /// Reading ids start at a random number per process: unique across nodes and restarts
+    /// for as long as anyone looks (a retry window).
+    boot: u64,
     sent: AtomicU64,
 }
 
@@ -66,14 +67,14 @@ impl Cluster {
             node_id,
             publish_retry,
             max_acks_pending,
-            boot: format!("{:016x}", u64::from_le_bytes(nonce)),
+            boot: u64::from_le_bytes(nonce),
             sent: AtomicU64::new(0),
         }
     }
 
-    fn next_id(&self) -> String {
-        let n = self.sent.fetch_add(1, Ordering::Relaxed);
-        format!("{}.{}.{n}", self.node_id, self.boot)
+    fn next_id(&self) -> u64 {
+        self.boot
+            .wrapping_add(self.sent.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -88,7 +89,7 @@ type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> +
 
 /// A reading sent to JetStream and not yet acknowledged.
 struct Sent {
-    id: String,
+    id: u64,
     stored: Bytes,
     at: Instant,
     /// None while it waits to be sent again.
@@ -101,6 +102,9 @@ struct Resend {
     backoff: Duration,
     /// When the front is sent again (None: it is on its way).
     at: Option<Instant>,
+    /// The newest seq on this node's subject, once the stream was read back since the last
+    /// failure (see `send_front`): what the next resend expects to follow.
+    last: Option<u64>,
 }
 
 pub(super) struct ClusterOwner {
@@ -108,6 +112,9 @@ pub(super) struct ClusterOwner {
     pub shared: Arc<Shared>,
     pub cluster: Arc<Cluster>,
     pub batch_max: usize,
+    /// The newest seq JetStream acknowledged to this owner: readings it sent later and whose
+    /// acks were lost can only be stored above it.
+    pub last_acked: AtomicU64,
 }
 
 /// What the owner's loop woke up for.
@@ -205,10 +212,10 @@ impl ClusterOwner {
                         match cmd {
                             Command::Publish(p) => {
                                 let (frame, at) = p.frame.parts();
-                                let stored = jetstream::stored(frame, at);
                                 let id = self.cluster.next_id();
+                                let stored = jetstream::stored(id, frame, at);
                                 crate::metrics::handles().js_acks_pending.increment(1.0);
-                                let ack = match js.publish(&id, stored.clone()).await {
+                                let ack = match js.publish(stored.clone()).await {
                                     Ok(ack) => Some(ack.into_future()),
                                     Err(e) => {
                                         tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
@@ -277,6 +284,10 @@ impl ClusterOwner {
             match self.cluster.js.open(&self.shared.id).await {
                 Ok(js) => {
                     let js = Arc::new(js);
+                    // What this owner publishes can only be stored above the stream's end now.
+                    if let Ok((_, last)) = js.bounds().await {
+                        self.last_acked.store(last, Ordering::Relaxed);
+                    }
                     if let Source::Cluster { stream, .. } = &self.shared.source {
                         let _ = stream.set(js.clone());
                     }
@@ -434,21 +445,32 @@ impl ClusterOwner {
     ) {
         let metrics = crate::metrics::handles();
         match done {
-            Ok(_) => {
+            Ok(ack) => {
+                self.last_acked.fetch_max(ack.sequence, Ordering::Relaxed);
                 let s = sent.pop_front().expect("an ack answers the front");
                 metrics.js_acks_pending.decrement(1.0);
                 metrics.readings_stored.increment(1);
                 metrics
                     .js_publish_seconds
                     .record(s.at.elapsed().as_secs_f64());
-                if resend.is_some() {
+                if let Some(r) = resend {
                     if sent.is_empty() {
                         tracing::info!(stream = %self.shared.id, "JetStream takes writes again");
                         *resend = None;
                     } else {
+                        r.last = Some(ack.sequence);
                         self.send_front(js, sent, resend).await;
                     }
                 }
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                // A publish from before the failure landed ahead of this resend, which was
+                // refused: read the stream back again before the next.
+                tracing::info!(stream = %self.shared.id, "a reading from before the failure was stored meanwhile; checking again");
+                if let Some(front) = sent.front_mut() {
+                    front.ack = None;
+                }
+                self.retry_later(sent, resend);
             }
             Err(e) => {
                 tracing::warn!(stream = %self.shared.id, error = %e, "publish not acknowledged; sending it again");
@@ -474,6 +496,7 @@ impl ClusterOwner {
             deadline: Instant::now() + self.cluster.publish_retry,
             backoff: RETRY_FIRST,
             at: Some(Instant::now() + RETRY_FIRST),
+            last: None,
         });
     }
 
@@ -486,26 +509,55 @@ impl ClusterOwner {
         }
         r.at = Some(Instant::now() + r.backoff);
         r.backoff = (r.backoff * 2).min(Duration::from_secs(1));
+        r.last = None;
     }
 
-    /// Sends the front reading again (same message id).
+    /// Sends the front reading again. After a failure, first asks the stream which of this
+    /// node's readings it holds past the last acknowledged seq: those were stored (only
+    /// their acks were lost) and are not sent again, so none is stored twice. The resend
+    /// expects the newest seq on the node's subject to be the one the read-back (or the
+    /// previous resend) saw.
     async fn send_front(
         &self,
         js: &JsStream,
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
+        crate::metrics::handles().js_retries.increment(1);
+        let Some(r) = resend.as_mut() else { return };
+        let last = match r.last {
+            Some(last) => last,
+            None => match js
+                .stored_since(self.last_acked.load(Ordering::Relaxed), r.deadline)
+                .await
+            {
+                Ok((ids, last)) => {
+                    let before = sent.len();
+                    sent.retain(|s| !ids.contains(&s.id));
+                    let stored = (before - sent.len()) as u64;
+                    tracing::info!(stream = %self.shared.id, unacknowledged = before, stored, last, "read the stream back before sending again");
+                    let metrics = crate::metrics::handles();
+                    metrics.js_acks_pending.decrement(stored as f64);
+                    metrics.readings_stored.increment(stored);
+                    r.last = Some(last);
+                    last
+                }
+                Err(e) => {
+                    tracing::warn!(stream = %self.shared.id, error = %e, "cannot read the stream back before a retry");
+                    self.retry_later(sent, resend);
+                    return;
+                }
+            },
+        };
         let Some(front) = sent.front_mut() else {
+            tracing::info!(stream = %self.shared.id, "JetStream takes writes again");
             *resend = None;
             return;
         };
-        crate::metrics::handles().js_retries.increment(1);
-        match js.publish(&front.id, front.stored.clone()).await {
+        match js.publish_after(front.stored.clone(), last).await {
             Ok(ack) => {
                 front.ack = Some(ack.into_future());
-                if let Some(r) = resend {
-                    r.at = None;
-                }
+                r.at = None;
             }
             Err(e) => {
                 tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");

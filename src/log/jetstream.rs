@@ -6,8 +6,22 @@
 //! on a quorum of `stream_replicas`), which is the cluster's durable mark.
 //!
 //! A stored message is a DISPATCH frame with a hole for its seq, which only JetStream knows
-//! when the message is stored: four bytes (big-endian) giving where the digits go, then the
-//! frame without them. [`frame_at`] fills the hole from the stream sequence.
+//! when the message is stored: four bytes (big-endian) giving where the digits go, eight
+//! bytes of the publishing node's id for the reading, then the frame without the digits.
+//! [`frame_at`] fills the hole from the stream sequence.
+//!
+//! **A retry stores nothing twice, without JetStream's de-duplication.** `Nats-Msg-Id` would
+//! do it, but it more than doubled the servers' CPU per reading here (BENCHMARKS.md,
+//! "Cluster"). Instead each node publishes on a subject of its own, `sg.s.<developer>.<node>`
+//! (the stream takes `sg.s.<developer>.*`), with no header at all. A publish whose ack is lost
+//! may or may not have been stored, so before sending anything again the node flushes its
+//! connection and asks the stream's leader which of its readings it holds past the last one
+//! acknowledged ([`JsStream::stored_since`]: one request per reading found, on its own
+//! subject only), drops those, and sends the rest one at a time, each expecting the newest
+//! seq on its subject to be the one it last saw (`Nats-Expected-Last-Subject-Sequence`): a
+//! publish still on its way from before the failure that lands first makes the retry fail
+//! instead of storing the reading twice, and the node reads back again. That costs requests
+//! during a failure instead of a map update on every replica for every reading.
 //!
 //! Must not know about subscribers or connections: the hub's cluster owner
 //! (`hub::cluster`) decides what to publish and whom to dispatch to.
@@ -20,9 +34,14 @@ use std::time::Duration;
 use super::{Entry, LogError, ReadLimit};
 use crate::config::ClusterConfig;
 
-/// The subject a developer's readings are published on.
-pub fn subject(developer: &str) -> String {
-    format!("sg.s.{developer}")
+/// The subjects of a developer's stream: one per publishing node.
+pub fn subjects(developer: &str) -> String {
+    format!("sg.s.{developer}.*")
+}
+
+/// The subject a node publishes a developer's readings on.
+pub fn node_subject(developer: &str, node_id: &str) -> String {
+    format!("sg.s.{developer}.{node_id}")
 }
 
 /// The JetStream stream holding a developer's readings.
@@ -30,15 +49,28 @@ pub fn stream_name(developer: &str) -> String {
     format!("SG_{developer}")
 }
 
+/// How long one request of a read-back may take before the read-back starts over.
+const READ_BACK_STEP: Duration = Duration::from_millis(1000);
+
 /// Most digits a u64 has in decimal.
 const DIGITS: usize = 20;
 
-/// The stored form of a frame whose seq goes at byte `seq_at` of `frame`.
-pub fn stored(frame: &[u8], seq_at: usize) -> Bytes {
-    let mut buf = BytesMut::with_capacity(4 + frame.len());
+/// Bytes before the frame in a stored message: where the seq goes, the reading's id.
+const HEAD: usize = 12;
+
+/// The stored form of reading `id` (unique per publishing node) whose seq goes at byte
+/// `seq_at` of `frame`.
+pub fn stored(id: u64, frame: &[u8], seq_at: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(HEAD + frame.len());
     buf.put_u32(seq_at as u32);
+    buf.put_u64(id);
     buf.put_slice(frame);
     buf.freeze()
+}
+
+/// The id a stored message was published with.
+pub fn stored_id(stored: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(stored.get(4..HEAD)?.try_into().ok()?))
 }
 
 /// The frame of a stored message, its seq written into the hole.
@@ -47,7 +79,8 @@ pub fn frame_at(stored: &[u8], seq: u64) -> Result<Bytes, LogError> {
         stream: "jetstream".into(),
         seq,
     };
-    let (head, frame) = stored.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let (head, rest) = stored.split_first_chunk::<4>().ok_or_else(corrupt)?;
+    let frame = rest.get(HEAD - 4..).ok_or_else(corrupt)?;
     let at = u32::from_be_bytes(*head) as usize;
     if at > frame.len() {
         return Err(corrupt());
@@ -81,8 +114,8 @@ pub struct JetStream {
     replicas: usize,
     retention: Retention,
     request_timeout: Duration,
-    /// How long JetStream remembers a message id: as long as a reading can be retried.
-    duplicate_window: Duration,
+    /// Names the subject this node publishes on.
+    node_id: String,
 }
 
 impl JetStream {
@@ -147,17 +180,13 @@ impl JetStream {
             // Each stream bounds its own acks pending; this only caps the node's total.
             .max_ack_inflight(1 << 20)
             .build(client.clone());
-        // The last retry of a reading comes at most `publish_retry_ms` after its first
-        // failure, itself an ack timeout after the publish; its own ack may take another.
-        let duplicate_window =
-            Duration::from_millis(config.publish_retry_ms + 2 * config.ack_timeout_ms + 5_000);
         Ok(Self {
             client,
             js,
             replicas: config.stream_replicas,
             retention,
             request_timeout,
-            duplicate_window,
+            node_id: node_id.to_owned(),
         })
     }
 
@@ -175,18 +204,14 @@ impl JetStream {
     /// brought to them if they changed.
     pub async fn open(&self, developer: &str) -> Result<JsStream, LogError> {
         let name = stream_name(developer);
-        let subject = subject(developer);
         let config = stream::Config {
             name: name.clone(),
-            subjects: vec![subject.clone()],
+            subjects: vec![subjects(developer)],
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
             max_age: Duration::from_secs(self.retention.max_age_s),
             max_messages: self.retention.max_per_stream as i64,
             discard: stream::DiscardPolicy::Old,
-            // Short on purpose: the servers keep every id of the window in memory and on
-            // each replica; two minutes (the default) cost more CPU than the readings.
-            duplicate_window: self.duplicate_window,
             ..Default::default()
         };
         self.js
@@ -197,7 +222,7 @@ impl JetStream {
         Ok(JsStream {
             js: self.js.clone(),
             stream,
-            subject: async_nats::Subject::from(subject),
+            subject: async_nats::Subject::from(node_subject(developer, &self.node_id)),
             request_timeout: self.request_timeout,
         })
     }
@@ -221,17 +246,99 @@ pub struct JsStream {
 pub type Tail = consumer::push::Ordered;
 
 impl JsStream {
-    /// Sends one reading; the future resolves with its seq once JetStream stored it. `id`
-    /// makes a retry after a lost ack harmless: JetStream stores a message id once within
-    /// its duplicate window (two minutes) and answers the retry with the first seq.
-    pub async fn publish(&self, id: &str, stored: Bytes) -> Result<PublishAckFuture, LogError> {
+    /// Sends one reading (in its [`stored`] form); the future resolves with its seq once
+    /// JetStream stored it.
+    pub async fn publish(&self, stored: Bytes) -> Result<PublishAckFuture, LogError> {
+        let message = jetstream::message::PublishMessage::build().payload(stored);
+        self.js
+            .send_publish(self.subject.clone(), message)
+            .await
+            .map_err(js_err)
+    }
+
+    /// Sends a reading again after a failure: stored only if the newest seq on this node's
+    /// subject is still `last` (else the ack is a `WrongLastSequence` error).
+    pub async fn publish_after(
+        &self,
+        stored: Bytes,
+        last: u64,
+    ) -> Result<PublishAckFuture, LogError> {
         let message = jetstream::message::PublishMessage::build()
-            .message_id(id)
+            .expected_last_subject_sequence(last)
             .payload(stored);
         self.js
             .send_publish(self.subject.clone(), message)
             .await
             .map_err(js_err)
+    }
+
+    /// What the stream holds of this node's readings past seq `after` (the newest it
+    /// acknowledged): their ids, and the seq of the newest message on this node's subject (0
+    /// if none). What a node checks before it sends readings again whose acks it did not
+    /// get. First flushes the connection, so a publish still buffered from before a
+    /// reconnect reaches the servers before the stream is asked. Asks the stream's leader
+    /// (a replica could answer from behind), each request with a short timeout, and starts
+    /// over until `deadline`: during a leader election requests go unanswered.
+    pub async fn stored_since(
+        &self,
+        after: u64,
+        deadline: std::time::Instant,
+    ) -> Result<(std::collections::HashSet<u64>, u64), LogError> {
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.stored_since_once(after).await {
+                Ok(found) => return Ok(found),
+                Err(e) if std::time::Instant::now() + wait < deadline => {
+                    tracing::debug!(error = %e, "reading the stream back failed; trying again");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(400));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn stored_since_once(
+        &self,
+        after: u64,
+    ) -> Result<(std::collections::HashSet<u64>, u64), LogError> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+        let step = |e: tokio::time::error::Elapsed| js_err(e);
+        tokio::time::timeout(READ_BACK_STEP, self.js.client().flush())
+            .await
+            .map_err(step)?
+            .map_err(js_err)?;
+        let last = tokio::time::timeout(
+            READ_BACK_STEP,
+            self.stream.get_last_raw_message_by_subject(&self.subject),
+        )
+        .await
+        .map_err(step)?;
+        let last = match last {
+            Ok(m) => m.sequence,
+            Err(e) if e.kind() == Kind::NoMessageFound => 0,
+            Err(e) => return Err(js_err(e)),
+        };
+        let mut ids = std::collections::HashSet::new();
+        let mut from = after + 1;
+        while from <= last {
+            let next = tokio::time::timeout(
+                READ_BACK_STEP,
+                self.stream
+                    .get_first_raw_message_by_subject(&*self.subject, from),
+            )
+            .await
+            .map_err(step)?;
+            match next {
+                Ok(m) => {
+                    ids.extend(stored_id(&m.payload));
+                    from = m.sequence + 1;
+                }
+                Err(e) if e.kind() == Kind::NoMessageFound => break,
+                Err(e) => return Err(js_err(e)),
+            }
+        }
+        Ok((ids, last))
     }
 
     /// The oldest and newest seq stored (`first` is `last + 1` when the stream is empty).
@@ -287,6 +394,26 @@ impl JsStream {
         limit: ReadLimit,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
+        let mut raw = Vec::new();
+        self.read_raw(after, before, limit, &mut raw).await?;
+        for (seq, payload) in raw {
+            out.push(Entry {
+                seq,
+                frame: frame_at(&payload, seq)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Stored messages with `after < seq < before` as JetStream holds them, within `limit`,
+    /// through a short-lived consumer.
+    async fn read_raw(
+        &self,
+        after: u64,
+        before: u64,
+        limit: ReadLimit,
+        out: &mut Vec<(u64, Bytes)>,
+    ) -> Result<(), LogError> {
         let start = after.saturating_add(1);
         if start >= before || limit.entries == 0 {
             return Ok(());
@@ -324,9 +451,8 @@ impl JsStream {
                 if seq >= before {
                     break;
                 }
-                let frame = frame_at(&message.payload, seq)?;
-                bytes += frame.len();
-                out.push(Entry { seq, frame });
+                bytes += message.payload.len();
+                out.push((seq, message.payload.clone()));
                 if out.len() >= want || bytes >= limit.bytes {
                     break;
                 }
@@ -351,7 +477,8 @@ mod tests {
     fn a_stored_frame_gets_its_seq_back() {
         let frame = br#"{"op":5,"seq":,"t":"X"}"#;
         let at = frame.windows(2).position(|w| w == b":,").unwrap() + 1;
-        let s = stored(frame, at);
+        let s = stored(42, frame, at);
+        assert_eq!(stored_id(&s), Some(42));
         assert_eq!(
             &frame_at(&s, 73).unwrap()[..],
             br#"{"op":5,"seq":73,"t":"X"}"#
@@ -361,6 +488,7 @@ mod tests {
             format!(r#"{{"op":5,"seq":{},"t":"X"}}"#, u64::MAX).as_bytes()
         );
         assert!(frame_at(b"\0\0", 1).is_err());
-        assert!(frame_at(&stored(b"ab", 2)[..5], 1).is_err());
+        assert!(frame_at(&stored(1, b"ab", 2)[..13], 1).is_err());
+        assert!(frame_at(&stored(1, b"ab", 3), 1).is_err());
     }
 }
