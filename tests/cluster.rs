@@ -315,3 +315,64 @@ async fn stomp_stream_topics_and_lagging_consumers_behave_as_on_one_node() {
     );
     assert!(metric(&scrape, "sensorgate_catchup_frames_total") >= 1.0);
 }
+
+/// A publish whose ack is lost may have been stored all the same. With a 1 ms ack timeout
+/// nearly every ack is "lost" while JetStream stores the readings: the node reads the stream
+/// back before sending anything again, so each reading is stored exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_whose_acks_are_lost_are_stored_once() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, |c| {
+        if let Some(cluster) = c.cluster.as_mut() {
+            cluster.ack_timeout_ms = 1;
+        }
+    })
+    .await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut consumer = b.consumer().await;
+    let mut producer = a.producer("walker").await;
+    for i in 1..=200 {
+        producer.submit("STEPS", &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    let mut live = Vec::new();
+    for _ in 0..200 {
+        live.push(dispatch(&consumer.recv().await));
+    }
+    assert_eq!(
+        live.iter().map(|d| d.0).collect::<Vec<_>>(),
+        (1..=200).collect::<Vec<_>>(),
+        "seqs 1..=200, each once"
+    );
+    assert_eq!(
+        live.iter().map(|d| d.3.clone()).collect::<Vec<_>>(),
+        (1..=200)
+            .map(|i| format!(r#"{{"n":{i}}}"#))
+            .collect::<Vec<_>>(),
+        "every reading once, in the order it was sent"
+    );
+    // Nothing stored twice arrives later.
+    assert!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            futures_util::StreamExt::next(&mut consumer.ws)
+        )
+        .await
+        .is_err(),
+        "no reading after the 200th"
+    );
+    let metrics = a.metrics().await;
+    let retries: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sensorgate_jetstream_publish_retries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        retries > 0.0,
+        "acks were lost and readings sent again:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("jetstream"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

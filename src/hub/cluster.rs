@@ -94,6 +94,8 @@ struct Sent {
     at: Instant,
     /// None while it waits to be sent again.
     ack: Option<AckFuture>,
+    /// When the ack on its way counts as lost.
+    due: Instant,
 }
 
 /// Sending unacknowledged readings again, one at a time.
@@ -152,6 +154,7 @@ impl ClusterOwner {
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut resend: Option<Resend> = None;
         let mut cmds = Vec::with_capacity(self.batch_max);
+        let ack_timeout = self.cluster.js.ack_timeout();
         loop {
             let acking = sent.front().is_some_and(|s| s.ack.is_some());
             let resend_at = resend.as_ref().and_then(|r| r.at);
@@ -228,6 +231,7 @@ impl ClusterOwner {
                                     stored,
                                     at: p.received,
                                     ack,
+                                    due: Instant::now() + ack_timeout,
                                 });
                                 if failed && resend.is_none() {
                                     self.start_resend(&mut sent, &mut resend);
@@ -557,6 +561,7 @@ impl ClusterOwner {
         match js.publish_after(front.stored.clone(), last).await {
             Ok(ack) => {
                 front.ack = Some(ack.into_future());
+                front.due = Instant::now() + self.cluster.js.ack_timeout();
                 r.at = None;
             }
             Err(e) => {
@@ -583,11 +588,17 @@ impl ClusterOwner {
     }
 }
 
-/// The answer to the front publish (which has one on its way).
+/// The answer to the front publish (which has one on its way), or a timeout once it is due.
 async fn front_ack(sent: &mut VecDeque<Sent>) -> Result<PublishAck, PublishError> {
-    match sent.front_mut().and_then(|s| s.ack.as_mut()) {
-        Some(ack) => ack.await,
-        None => std::future::pending().await,
+    match sent.front_mut() {
+        Some(Sent {
+            ack: Some(ack),
+            due,
+            ..
+        }) => tokio::time::timeout_at((*due).into(), ack)
+            .await
+            .unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::TimedOut))),
+        _ => std::future::pending().await,
     }
 }
 

@@ -114,6 +114,8 @@ pub struct JetStream {
     replicas: usize,
     retention: Retention,
     request_timeout: Duration,
+    /// How long a publish's ack is awaited before it counts as lost.
+    ack_timeout: Duration,
     /// Names the subject this node publishes on.
     node_id: String,
 }
@@ -186,8 +188,16 @@ impl JetStream {
             replicas: config.stream_replicas,
             retention,
             request_timeout,
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
             node_id: node_id.to_owned(),
         })
+    }
+
+    /// How long a publish's ack is awaited before it counts as lost (`ack_timeout_ms`). The
+    /// client's own bound on an awaited ack is the request timeout, so the owner applies this
+    /// one itself.
+    pub fn ack_timeout(&self) -> Duration {
+        self.ack_timeout
     }
 
     /// Whether the node has a NATS connection right now.
