@@ -308,9 +308,9 @@ pub struct ClusterConfig {
     pub connect_timeout_ms: u64,
     /// Time one JetStream request (a stream lookup, a read, a key-value operation) may take.
     pub request_timeout_ms: u64,
-    /// Time a publish waits for its ack before it is sent again (with the same message id,
-    /// so it is stored once): short, so a lost server costs a stall of about this plus the
-    /// stream's leader election.
+    /// Time a publish waits for its ack before it counts as lost (the stream is then asked
+    /// whether it holds it, and it is sent again if not): short, so a lost server costs a
+    /// stall of about this plus the stream's leader election.
     pub ack_timeout_ms: u64,
     /// How long a stream keeps retrying readings JetStream did not acknowledge (a server
     /// lost, a leader being elected) before it gives up: its producers then get 1011 and
