@@ -92,7 +92,25 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
+    /// Starts `n` servers and waits until all are healthy. A port `free_ports` found free
+    /// can be taken before a server binds it (by any process's outgoing connection); a
+    /// server that exits is such a case, and the cluster is started again on fresh ports.
     pub async fn start(n: usize) -> Self {
+        let mut attempt = 1;
+        loop {
+            let mut c = Self::spawn(n);
+            match c.wait_formed().await {
+                Ok(()) => return c,
+                Err(log) if attempt < 3 => {
+                    eprintln!("nats cluster attempt {attempt} failed; starting again on fresh ports:\n{log}");
+                    attempt += 1;
+                }
+                Err(log) => panic!("the nats cluster did not start:\n{log}"),
+            }
+        }
+    }
+
+    fn spawn(n: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16, u16)> = free_ports(3 * n)
             .chunks(3)
@@ -127,11 +145,34 @@ impl NatsCluster {
             s.spawn();
             servers.push(s);
         }
-        let c = Self { servers, dir };
-        for s in &c.servers {
-            c.wait_healthy(s).await;
+        Self { servers, dir }
+    }
+
+    /// Waits until every server is healthy; the log of one that exited (or never got
+    /// healthy) otherwise.
+    async fn wait_formed(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        for i in 0..self.servers.len() {
+            while !healthy(self.servers[i].http_port).await {
+                let exited = self.servers.iter_mut().position(|s| {
+                    s.child
+                        .as_mut()
+                        .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+                });
+                if exited.is_some() || started.elapsed() > WAIT * 2 {
+                    let s = &self.servers[exited.unwrap_or(i)];
+                    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                    let why = if exited.is_some() {
+                        "exited"
+                    } else {
+                        "is not healthy"
+                    };
+                    return Err(format!("nats-server {} {why}:\n{log}", s.name));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
-        c
+        Ok(())
     }
 
     pub fn urls(&self) -> Vec<String> {
@@ -141,19 +182,7 @@ impl NatsCluster {
     /// Waits until a server's JetStream is current with the cluster (`/healthz` 200).
     pub async fn wait_healthy(&self, s: &Nats) {
         let started = Instant::now();
-        let addr: SocketAddr = format!("127.0.0.1:{}", s.http_port).parse().unwrap();
-        loop {
-            if let Ok(Ok(mut conn)) =
-                tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
-            {
-                let _ = conn
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .await;
-                let mut buf = Vec::new();
-                if conn.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200") {
-                    return;
-                }
-            }
+        while !healthy(s.http_port).await {
             let log = std::fs::read_to_string(&s.log).unwrap_or_default();
             assert!(
                 started.elapsed() < WAIT * 2,
@@ -163,6 +192,21 @@ impl NatsCluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Whether the nats-server monitoring on `http_port` answers `/healthz` with 200.
+async fn healthy(http_port: u16) -> bool {
+    let addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let Ok(Ok(mut conn)) =
+        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
+    else {
+        return false;
+    };
+    let _ = conn
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    let mut buf = Vec::new();
+    conn.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
 /// A node's configuration: the test developers, the shared secret, `[cluster]` on `urls`.
