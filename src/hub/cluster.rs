@@ -94,8 +94,6 @@ struct Sent {
     at: Instant,
     /// None while it waits to be sent again.
     ack: Option<AckFuture>,
-    /// When the ack on its way counts as lost.
-    due: Instant,
 }
 
 /// Sending unacknowledged readings again, one at a time.
@@ -154,7 +152,6 @@ impl ClusterOwner {
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut resend: Option<Resend> = None;
         let mut cmds = Vec::with_capacity(self.batch_max);
-        let ack_timeout = self.cluster.js.ack_timeout();
         loop {
             let acking = sent.front().is_some_and(|s| s.ack.is_some());
             let resend_at = resend.as_ref().and_then(|r| r.at);
@@ -218,7 +215,7 @@ impl ClusterOwner {
                                 let id = self.cluster.next_id();
                                 let stored = jetstream::stored(id, frame, at);
                                 crate::metrics::handles().js_acks_pending.increment(1.0);
-                                let ack = match js.publish(stored.clone()).await {
+                                let ack = match js.publish(stored.clone(), None).await {
                                     Ok(ack) => Some(ack.into_future()),
                                     Err(e) => {
                                         tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
@@ -231,7 +228,6 @@ impl ClusterOwner {
                                     stored,
                                     at: p.received,
                                     ack,
-                                    due: Instant::now() + ack_timeout,
                                 });
                                 if failed && resend.is_none() {
                                     self.start_resend(&mut sent, &mut resend);
@@ -558,10 +554,9 @@ impl ClusterOwner {
             *resend = None;
             return;
         };
-        match js.publish_after(front.stored.clone(), last).await {
+        match js.publish(front.stored.clone(), Some(last)).await {
             Ok(ack) => {
                 front.ack = Some(ack.into_future());
-                front.due = Instant::now() + self.cluster.js.ack_timeout();
                 r.at = None;
             }
             Err(e) => {
@@ -588,17 +583,12 @@ impl ClusterOwner {
     }
 }
 
-/// The answer to the front publish (which has one on its way), or a timeout once it is due.
+/// The answer to the front publish (which has one on its way): an error once
+/// `ack_timeout_ms` passed (see `JetStream::connect`).
 async fn front_ack(sent: &mut VecDeque<Sent>) -> Result<PublishAck, PublishError> {
-    match sent.front_mut() {
-        Some(Sent {
-            ack: Some(ack),
-            due,
-            ..
-        }) => tokio::time::timeout_at((*due).into(), ack)
-            .await
-            .unwrap_or_else(|_| Err(PublishError::new(PublishErrorKind::TimedOut))),
-        _ => std::future::pending().await,
+    match sent.front_mut().and_then(|s| s.ack.as_mut()) {
+        Some(ack) => ack.await,
+        None => std::future::pending().await,
     }
 }
 

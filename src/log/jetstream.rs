@@ -114,8 +114,8 @@ pub struct JetStream {
     replicas: usize,
     retention: Retention,
     request_timeout: Duration,
-    /// How long a publish's ack is awaited before it counts as lost.
-    ack_timeout: Duration,
+    /// Publishes, with `ack_timeout_ms` as their ack's bound.
+    publisher: jetstream::Context,
     /// Names the subject this node publishes on.
     node_id: String,
 }
@@ -178,26 +178,25 @@ impl JetStream {
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
-            .ack_timeout(Duration::from_millis(config.ack_timeout_ms))
+            .build(client.clone());
+        // async-nats bounds an awaited publish ack by its context's timeout (its
+        // `ack_timeout` only covers acks nobody awaits), so publishes go through a context
+        // of their own whose timeout is `ack_timeout_ms`: one timer per publish, the
+        // client's.
+        let publisher = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_millis(config.ack_timeout_ms))
             // Each stream bounds its own acks pending; this only caps the node's total.
             .max_ack_inflight(1 << 20)
             .build(client.clone());
         Ok(Self {
             client,
             js,
+            publisher,
             replicas: config.stream_replicas,
             retention,
             request_timeout,
-            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
             node_id: node_id.to_owned(),
         })
-    }
-
-    /// How long a publish's ack is awaited before it counts as lost (`ack_timeout_ms`). The
-    /// client's own bound on an awaited ack is the request timeout, so the owner applies this
-    /// one itself.
-    pub fn ack_timeout(&self) -> Duration {
-        self.ack_timeout
     }
 
     /// Whether the node has a NATS connection right now.
@@ -231,6 +230,7 @@ impl JetStream {
         let stream = self.js.get_stream_no_info(&name).await.map_err(js_err)?;
         Ok(JsStream {
             js: self.js.clone(),
+            publisher: self.publisher.clone(),
             stream,
             subject: async_nats::Subject::from(node_subject(developer, &self.node_id)),
             request_timeout: self.request_timeout,
@@ -246,6 +246,7 @@ impl JetStream {
 /// One developer's JetStream stream.
 pub struct JsStream {
     js: jetstream::Context,
+    publisher: jetstream::Context,
     stream: jetstream::stream::Stream<()>,
     /// Cloned per publish: a reference count, not a copy of the string.
     subject: async_nats::Subject,
@@ -257,27 +258,20 @@ pub type Tail = consumer::push::Ordered;
 
 impl JsStream {
     /// Sends one reading (in its [`stored`] form); the future resolves with its seq once
-    /// JetStream stored it.
-    pub async fn publish(&self, stored: Bytes) -> Result<PublishAckFuture, LogError> {
-        let message = jetstream::message::PublishMessage::build().payload(stored);
-        self.js
-            .send_publish(self.subject.clone(), message)
-            .await
-            .map_err(js_err)
-    }
-
-    /// Sends a reading again after a failure: stored only if the newest seq on this node's
-    /// subject is still `last` (else the ack is a `WrongLastSequence` error).
-    pub async fn publish_after(
+    /// JetStream stored it, or with an error once `ack_timeout_ms` passed. A resend after a
+    /// failure names `after`, the newest seq it saw on this node's subject: it is stored
+    /// only if that is still the newest (else its ack is a `WrongLastSequence` error).
+    pub async fn publish(
         &self,
         stored: Bytes,
-        last: u64,
+        after: Option<u64>,
     ) -> Result<PublishAckFuture, LogError> {
-        let message = jetstream::message::PublishMessage::build()
-            .expected_last_subject_sequence(last)
-            .payload(stored);
-        self.js
-            .send_publish(self.subject.clone(), message)
+        let mut message = jetstream::message::PublishMessage::build();
+        if let Some(last) = after {
+            message = message.expected_last_subject_sequence(last);
+        }
+        self.publisher
+            .send_publish(self.subject.clone(), message.payload(stored))
             .await
             .map_err(js_err)
     }
