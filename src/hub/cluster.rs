@@ -6,12 +6,12 @@
 //! When JetStream does not acknowledge one (a server lost, a leader being elected), the
 //! owner stops taking new readings, reads back which of the unacknowledged ones the stream
 //! holds all the same (`log::jetstream`: a retry stores nothing twice), and sends the rest
-//! again, one at a time and in order, for up to `publish_retry_ms`; then it gives up: the stream refuses publishes for a while (producers
-//! get 1011) and what was not acknowledged is never dispatched. **Live delivery**: while
-//! this node has subscribers, an ordered consumer tails the stream; what it delivers is
-//! stored on a quorum of the stream's replicas, so its seq is the durable mark, raised before
-//! the batch is offered to the subscribers, exactly as in the embedded owner
-//! (`hub::stream`). A reading published on any node reaches every node's consumers this way.
+//! again, one at a time and in order, for up to `publish_retry_ms`; then it gives up: the
+//! stream refuses publishes for a while (producers get 1011) and what was not acknowledged
+//! is never dispatched. **Live delivery**: while this node has subscribers, an ordered
+//! consumer tails the stream; what it delivers is stored on a quorum of the stream's
+//! replicas, so its seq is the durable mark, raised before the batch is offered to the
+//! subscribers, exactly as in the embedded owner (`hub::stream`). A reading published on any node reaches every node's consumers this way.
 //!
 //! Must not know about connections or protocols: it shares [`Subscriber`] and [`Batch`] with
 //! the embedded owner.
@@ -114,7 +114,7 @@ pub(super) struct ClusterOwner {
     pub batch_max: usize,
     /// The newest seq JetStream acknowledged to this owner: readings it sent later and whose
     /// acks were lost can only be stored above it.
-    pub last_acked: AtomicU64,
+    pub last_acked: u64,
 }
 
 /// What the owner's loop woke up for.
@@ -286,7 +286,7 @@ impl ClusterOwner {
                     let js = Arc::new(js);
                     // What this owner publishes can only be stored above the stream's end now.
                     if let Ok((_, last)) = js.bounds().await {
-                        self.last_acked.store(last, Ordering::Relaxed);
+                        self.last_acked = last;
                     }
                     if let Source::Cluster { stream, .. } = &self.shared.source {
                         let _ = stream.set(js.clone());
@@ -437,7 +437,7 @@ impl ClusterOwner {
 
     /// The oldest publish answered.
     async fn acked(
-        &self,
+        &mut self,
         js: &JsStream,
         done: Result<PublishAck, PublishError>,
         sent: &mut VecDeque<Sent>,
@@ -446,7 +446,7 @@ impl ClusterOwner {
         let metrics = crate::metrics::handles();
         match done {
             Ok(ack) => {
-                self.last_acked.fetch_max(ack.sequence, Ordering::Relaxed);
+                self.last_acked = self.last_acked.max(ack.sequence);
                 let s = sent.pop_front().expect("an ack answers the front");
                 metrics.js_acks_pending.decrement(1.0);
                 metrics.readings_stored.increment(1);
@@ -518,7 +518,7 @@ impl ClusterOwner {
     /// expects the newest seq on the node's subject to be the one the read-back (or the
     /// previous resend) saw.
     async fn send_front(
-        &self,
+        &mut self,
         js: &JsStream,
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
@@ -527,10 +527,7 @@ impl ClusterOwner {
         let Some(r) = resend.as_mut() else { return };
         let last = match r.last {
             Some(last) => last,
-            None => match js
-                .stored_since(self.last_acked.load(Ordering::Relaxed), r.deadline)
-                .await
-            {
+            None => match js.stored_since(self.last_acked, r.deadline).await {
                 Ok((ids, last)) => {
                     let before = sent.len();
                     sent.retain(|s| !ids.contains(&s.id));

@@ -313,7 +313,7 @@ impl Hub {
                             shared: shared.clone(),
                             cluster: cluster.clone(),
                             batch_max,
-                            last_acked: AtomicU64::new(0),
+                            last_acked: 0,
                         };
                         self.inner.owners.spawn(owner.run());
                         shared

@@ -307,17 +307,16 @@ impl JsStream {
         after: u64,
     ) -> Result<(std::collections::HashSet<u64>, u64), LogError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
-        let step = |e: tokio::time::error::Elapsed| js_err(e);
         tokio::time::timeout(READ_BACK_STEP, self.js.client().flush())
             .await
-            .map_err(step)?
+            .map_err(js_err)?
             .map_err(js_err)?;
         let last = tokio::time::timeout(
             READ_BACK_STEP,
             self.stream.get_last_raw_message_by_subject(&self.subject),
         )
         .await
-        .map_err(step)?;
+        .map_err(js_err)?;
         let last = match last {
             Ok(m) => m.sequence,
             Err(e) if e.kind() == Kind::NoMessageFound => 0,
@@ -332,7 +331,7 @@ impl JsStream {
                     .get_first_raw_message_by_subject(&*self.subject, from),
             )
             .await
-            .map_err(step)?;
+            .map_err(js_err)?;
             match next {
                 Ok(m) => {
                     ids.extend(stored_id(&m.payload));
@@ -398,26 +397,6 @@ impl JsStream {
         limit: ReadLimit,
         out: &mut Vec<Entry>,
     ) -> Result<(), LogError> {
-        let mut raw = Vec::new();
-        self.read_raw(after, before, limit, &mut raw).await?;
-        for (seq, payload) in raw {
-            out.push(Entry {
-                seq,
-                frame: frame_at(&payload, seq)?,
-            });
-        }
-        Ok(())
-    }
-
-    /// Stored messages with `after < seq < before` as JetStream holds them, within `limit`,
-    /// through a short-lived consumer.
-    async fn read_raw(
-        &self,
-        after: u64,
-        before: u64,
-        limit: ReadLimit,
-        out: &mut Vec<(u64, Bytes)>,
-    ) -> Result<(), LogError> {
         let start = after.saturating_add(1);
         if start >= before || limit.entries == 0 {
             return Ok(());
@@ -455,8 +434,9 @@ impl JsStream {
                 if seq >= before {
                     break;
                 }
-                bytes += message.payload.len();
-                out.push((seq, message.payload.clone()));
+                let frame = frame_at(&message.payload, seq)?;
+                bytes += frame.len();
+                out.push(Entry { seq, frame });
                 if out.len() >= want || bytes >= limit.bytes {
                     break;
                 }
