@@ -213,9 +213,9 @@ async fn without_jetstream_a_node_is_not_ready_and_producers_get_1011() {
     for s in &mut nats.servers {
         s.restart();
     }
-    for s in &nats.servers {
-        nats.wait_healthy(s).await;
-    }
+    nats.wait_formed()
+        .await
+        .expect("the restarted servers form the cluster again");
     let started = std::time::Instant::now();
     while http(node.addr, "GET", "/readyz", &[]).await.0 != 200 {
         assert!(started.elapsed() < WAIT * 2, "/readyz never came back");

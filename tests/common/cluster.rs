@@ -148,9 +148,9 @@ impl NatsCluster {
         Self { servers, dir }
     }
 
-    /// Waits until every server is healthy; the log of one that exited (or never got
-    /// healthy) otherwise.
-    async fn wait_formed(&mut self) -> Result<(), String> {
+    /// Waits until every server's JetStream is current with the cluster (`/healthz` 200);
+    /// the log of one that exited (or never got healthy) otherwise.
+    pub async fn wait_formed(&mut self) -> Result<(), String> {
         let started = Instant::now();
         for i in 0..self.servers.len() {
             while !healthy(self.servers[i].http_port).await {
@@ -177,20 +177,6 @@ impl NatsCluster {
 
     pub fn urls(&self) -> Vec<String> {
         self.servers.iter().map(Nats::url).collect()
-    }
-
-    /// Waits until a server's JetStream is current with the cluster (`/healthz` 200).
-    pub async fn wait_healthy(&self, s: &Nats) {
-        let started = Instant::now();
-        while !healthy(s.http_port).await {
-            let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-            assert!(
-                started.elapsed() < WAIT * 2,
-                "nats-server {} is not healthy:\n{log}",
-                s.name
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 
