@@ -77,21 +77,10 @@ impl Claims {
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         };
-        // A cluster that has just started may not place a bucket yet: keep trying a while.
-        let open = |config: kv::Config| async move {
-            let mut wait = Duration::from_millis(100);
-            let started = std::time::Instant::now();
-            loop {
-                match ctx.create_or_update_key_value(config.clone()).await {
-                    Ok(store) => return Ok(store),
-                    Err(e) if started.elapsed() < STARTUP_RETRY => {
-                        tracing::warn!(bucket = %config.bucket, error = %e, "cannot open a key-value bucket yet; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(2));
-                    }
-                    Err(e) => return Err(kv_err(e)),
-                }
-            }
+        let open = |config: kv::Config| {
+            at_startup(format!("the {} bucket", config.bucket), move || {
+                ctx.create_or_update_key_value(config.clone())
+            })
         };
         let tokens = open(bucket("sg_tokens", Duration::from_secs(token_ttl_s + 60))).await?;
         let claims = open(bucket("sg_claims", CLAIM_TTL)).await?;
@@ -102,7 +91,10 @@ impl Claims {
             local: DashMap::new(),
             max_consumers: max_consumers.max(1),
         });
-        let watch = this.claims.watch_with_history(">").await.map_err(kv_err)?;
+        let watch = at_startup("the claims watcher".into(), || {
+            this.claims.watch_with_history(">")
+        })
+        .await?;
         tokio::spawn(watch_claims(Arc::downgrade(&this), watch));
         tokio::spawn(refresher(Arc::downgrade(&this)));
         Ok(this)
@@ -204,6 +196,29 @@ impl Claims {
             self.max_consumers
         };
         Some((group, limit))
+    }
+}
+
+/// Runs `op` until it succeeds or [`STARTUP_RETRY`] passed: a cluster that has just started
+/// (or is busy) may not place a bucket or a watcher's consumer yet, and a node that gave up
+/// at once would not start at all.
+async fn at_startup<T, E, F>(what: String, mut op: impl FnMut() -> F) -> Result<T, LogError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(done) => return Ok(done),
+            Err(e) if started.elapsed() < STARTUP_RETRY => {
+                tracing::warn!(error = %e, "cannot open {what} yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(kv_err(e)),
+        }
     }
 }
 
