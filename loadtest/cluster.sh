@@ -4,7 +4,9 @@
 # also serves NATS over WebSocket for wsbench), three sensorgate nodes in cluster mode behind
 # haproxy (deploy/haproxy.cfg as shipped), and one embedded node (strict). Then, in
 # alternating rounds, the same loads against:
-#   js        JetStream itself: wsbench --js (publish with acks, push consumers), stream R3
+#   js        JetStream itself: wsbench --js (publish with acks, push consumers), one R3
+#             stream for the four producers
+#   jsdev     the same with one R3 stream per producer, as sensorgate has one per developer
 #   cluster   sensorgate through haproxy, wsbench --broker sg (the same client)
 #   embedded  one embedded sensorgate node, wsbench --broker sg
 # each as fast as possible and at 10,000 readings/s (4 producers x 2,500/s), plus
@@ -13,7 +15,9 @@
 #
 # Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
 # tests/cluster/.venv/bin/nats-server, which the tests install) and wsbench built from
-# ../shared/bench/wsbench (WSBENCH=path; see its README).
+# ../shared/bench/wsbench (WSBENCH=path; see its README) with loadtest/wsbench-stream-per-topic.patch
+# applied (`--js 'BENCH{t}'` names a stream per topic; without it the jsdev runs fail):
+#   cp -r ../shared/bench/wsbench /tmp/wsbench && patch -d /tmp/wsbench -p1 < loadtest/wsbench-stream-per-topic.patch
 # Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name;
 # SENSORGATE=path measures another build of the server)
 set -euo pipefail
@@ -57,13 +61,32 @@ for i in 1 2 3; do
 done
 for i in 1 2 3; do wait_http "http://127.0.0.1:1822$i/healthz"; done
 
-# The stream JetStream is measured on, shaped as a developer's: R3, file storage.
-create='{"name":"BENCH","subjects":["bench.>"],"storage":"file","num_replicas":3}'
-exec 3<>/dev/tcp/127.0.0.1/14221
-printf 'CONNECT {"verbose":false}\r\nSUB _bench.create 1\r\nPUB $JS.API.STREAM.CREATE.BENCH _bench.create %d\r\n%s\r\nPING\r\n' \
-  "${#create}" "$create" >&3
-timeout 10 grep -m1 -q 'MSG _bench.create' <&3 || { echo "BENCH stream not created" >&2; exit 2; }
-exec 3>&-
+# JetStream is measured on streams shaped as a developer's (R3, file storage), laid out two
+# ways: `js` runs on one stream BENCH for all four producers' subjects (bench.0 … bench.3),
+# `jsdev` on one stream per producer (BENCH0 … BENCH3), as sensorgate lays out one stream per
+# developer. The two layouts overlap in subjects, so each run first makes its own.
+js_api() { # SUBJECT JSON: one JetStream API request through n1, waits for its reply
+  exec 3<>/dev/tcp/127.0.0.1/14221
+  printf 'CONNECT {"verbose":false}\r\nSUB _bench.api 1\r\nPUB %s _bench.api %d\r\n%s\r\nPING\r\n' \
+    "$1" "${#2}" "$2" >&3
+  timeout 10 grep -m1 -q 'MSG _bench.api' <&3 || { echo "no answer to $1" >&2; exit 2; }
+  exec 3>&-
+}
+stream_json() { # NAME SUBJECT
+  printf '{"name":"%s","subjects":["%s"],"storage":"file","num_replicas":3}' "$1" "$2"
+}
+LAYOUT=none
+bench_streams() { # one | per-producer
+  [ "$LAYOUT" = "$1" ] && return 0
+  if [ "$1" = one ]; then
+    for t in 0 1 2 3; do js_api "\$JS.API.STREAM.DELETE.BENCH$t" ''; done
+    js_api '$JS.API.STREAM.CREATE.BENCH' "$(stream_json BENCH 'bench.>')"
+  else
+    js_api '$JS.API.STREAM.DELETE.BENCH' ''
+    for t in 0 1 2 3; do js_api "\$JS.API.STREAM.CREATE.BENCH$t" "$(stream_json "BENCH$t" "bench.$t")"; done
+  fi
+  LAYOUT=$1
+}
 
 # --- sensorgate: three cluster nodes behind haproxy, one embedded node ---
 devs=""
@@ -95,6 +118,10 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   local name=$1
   shift
   [[ "$name" =~ ${ONLY:-.} ]] || return 0
+  case $name in
+    "js "*) bench_streams one ;;
+    "jsdev "*) bench_streams per-producer ;;
+  esac
   local n0 s0 e0 h0
   n0=$(ticks $NATS_PIDS) s0=$(ticks $NODE_PIDS) e0=$(ticks $EMB_PID) h0=$(ticks $HAPROXY_PID)
   "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" || echo "$name failed (exit $?)"
@@ -105,9 +132,11 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
 for r in $(seq 1 "$ROUNDS"); do
   echo "# round $r"
   run "js max" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M "$M"
+  run "jsdev max" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M"
   run "cluster max" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
   run "embedded max" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
   run "js 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M 25000 --rate 2500
+  run "jsdev 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
   run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
   run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
 done

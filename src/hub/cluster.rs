@@ -2,8 +2,10 @@
 //!
 //! JetStream, not the node, assigns seqs, so the owner has two jobs that do not wait on each
 //! other. **Publishing**: the node's SUBMITs for the stream go to JetStream in the order they
-//! were queued, on the node's own subject, with up to `max_acks_pending` acks outstanding.
-//! When JetStream does not acknowledge one (a server lost, a leader being elected), the
+//! were queued, on the node's own subject, with up to `max_acks_pending` acks outstanding;
+//! the acks come back on a subscription of the owner's own ([`Acks`]), in order, and the
+//! front's is given `ack_timeout_ms`. When JetStream does not acknowledge one (a server
+//! lost, a leader being elected), the
 //! owner stops taking new readings, reads back which of the unacknowledged ones the stream
 //! holds all the same (`log::jetstream`: a retry stores nothing twice), and sends the rest
 //! again, one at a time and in order, for up to `publish_retry_ms`; then it gives up: the
@@ -11,18 +13,16 @@
 //! is never dispatched. **Live delivery**: while this node has subscribers, an ordered
 //! consumer tails the stream; what it delivers is stored on a quorum of the stream's
 //! replicas, so its seq is the durable mark, raised before the batch is offered to the
-//! subscribers, exactly as in the embedded owner (`hub::stream`). A reading published on any node reaches every node's consumers this way.
+//! subscribers, exactly as in the embedded owner (`hub::stream`). A reading published on
+//! any node reaches every node's consumers this way.
 //!
 //! Must not know about connections or protocols: it shares [`Subscriber`] and [`Batch`] with
 //! the embedded owner.
 
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::publish::PublishAck;
+use async_nats::Subject;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use super::claims::Claims;
 use super::stream::{
     now_ms, offer_durable, Command, Shared, Source, Subscriber, FAILED_BACKOFF_MS,
 };
-use crate::log::jetstream::{self, JetStream, JsStream, Tail};
+use crate::log::jetstream::{self, Ack, Acks, JetStream, JsStream, Tail};
 use crate::log::LogError;
 
 /// What the hub needs to run streams on JetStream.
@@ -85,15 +85,35 @@ const WATCHDOG_EVERY: Duration = Duration::from_millis(750);
 /// First wait before sending an unacknowledged reading again; doubles up to a second.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
-type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, PublishError>> + Send>>;
-
 /// A reading sent to JetStream and not yet acknowledged.
 struct Sent {
     id: u64,
     stored: Bytes,
+    /// When its SUBMIT arrived.
     at: Instant,
-    /// None while it waits to be sent again.
-    ack: Option<AckFuture>,
+    /// The token of its publish on the way (None while it waits to be sent again): an ack
+    /// naming another token answers a publish given up on, and is ignored.
+    token: Option<u64>,
+    /// When that publish went.
+    sent_at: Instant,
+    /// Its seq once acknowledged. Acks may overtake one another; readings leave (and
+    /// `last_acked` rises) from the front only, so `last_acked` never passes a reading whose
+    /// fate is unknown.
+    seq: Option<u64>,
+}
+
+/// Where this owner's publishes are answered, and the token of the next one.
+struct Replies {
+    acks: Acks,
+    next: u64,
+}
+
+impl Replies {
+    fn take(&mut self) -> (u64, Subject) {
+        let token = self.next;
+        self.next += 1;
+        (token, self.acks.reply(token))
+    }
 }
 
 /// Sending unacknowledged readings again, one at a time.
@@ -119,7 +139,8 @@ pub(super) struct ClusterOwner {
 
 /// What the owner's loop woke up for.
 enum Wake {
-    Acked(Result<PublishAck, PublishError>),
+    Acked(u64, Ack),
+    AckLost,
     Resend,
     Live(Option<Result<Box<async_nats::jetstream::Message>, LogError>>),
     Linger,
@@ -130,9 +151,11 @@ enum Wake {
 impl ClusterOwner {
     pub async fn run(mut self) {
         let mut waiting = Vec::new();
-        let Some(js) = self.open(&mut waiting).await else {
+        let Some((js, acks)) = self.open(&mut waiting).await else {
             return;
         };
+        let mut replies = Replies { acks, next: 0 };
+        let ack_timeout = js.ack_timeout();
         let mut subs: Vec<Subscriber> = Vec::new();
         let mut tail: Option<Tail> = None;
         if !waiting.is_empty() {
@@ -153,12 +176,17 @@ impl ClusterOwner {
         let mut resend: Option<Resend> = None;
         let mut cmds = Vec::with_capacity(self.batch_max);
         loop {
-            let acking = sent.front().is_some_and(|s| s.ack.is_some());
+            // Acks come in order; the front's tells whether one is lost.
+            let ack_due = sent
+                .front()
+                .filter(|s| s.token.is_some() && s.seq.is_none())
+                .map(|s| s.sent_at + ack_timeout);
             let resend_at = resend.as_ref().and_then(|r| r.at);
             let taking = resend.is_none() && sent.len() < self.cluster.max_acks_pending;
             let wake = tokio::select! {
                 biased;
-                done = front_ack(&mut sent), if acking => Wake::Acked(done),
+                (token, ack) = replies.acks.next() => Wake::Acked(token, ack),
+                _ = sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => Wake::AckLost,
                 _ = sleep_until(resend_at.unwrap_or_else(Instant::now).into()), if resend_at.is_some() => Wake::Resend,
                 m = next_live(&mut tail), if tail.is_some() => Wake::Live(m),
                 _ = sleep_until((idle_since + TAIL_LINGER).into()), if tail.is_some() && subs.is_empty() => Wake::Linger,
@@ -166,8 +194,18 @@ impl ClusterOwner {
                 n = self.rx.recv_many(&mut cmds, self.batch_max), if taking => Wake::Commands(n),
             };
             match wake {
-                Wake::Acked(done) => self.acked(&js, done, &mut sent, &mut resend).await,
-                Wake::Resend => self.send_front(&js, &mut sent, &mut resend).await,
+                Wake::Acked(token, ack) => {
+                    self.acked(&js, &mut replies, token, ack, &mut sent, &mut resend)
+                        .await
+                }
+                Wake::AckLost => {
+                    tracing::warn!(stream = %self.shared.id, "publish not acknowledged in time; sending it again");
+                    self.failed(0, &mut sent, &mut resend);
+                }
+                Wake::Resend => {
+                    self.send_front(&js, &mut replies, &mut sent, &mut resend)
+                        .await
+                }
                 Wake::Live(Some(Ok(first))) => self.deliver(*first, &mut tail, &mut subs),
                 Wake::Live(end) => {
                     if let Some(Err(e)) = end {
@@ -208,6 +246,7 @@ impl ClusterOwner {
                 }
                 Wake::Commands(0) => break,
                 Wake::Commands(_) => {
+                    let now = Instant::now();
                     for cmd in cmds.drain(..) {
                         match cmd {
                             Command::Publish(p) => {
@@ -215,21 +254,23 @@ impl ClusterOwner {
                                 let id = self.cluster.next_id();
                                 let stored = jetstream::stored(id, frame, at);
                                 crate::metrics::handles().js_acks_pending.increment(1.0);
-                                let ack = match js.publish(stored.clone(), None).await {
-                                    Ok(ack) => Some(ack.into_future()),
+                                let (token, reply) = replies.take();
+                                let token = match js.publish(stored.clone(), reply, None).await {
+                                    Ok(()) => Some(token),
                                     Err(e) => {
                                         tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
                                         None
                                     }
                                 };
-                                let failed = ack.is_none();
                                 sent.push_back(Sent {
                                     id,
                                     stored,
                                     at: p.received,
-                                    ack,
+                                    token,
+                                    sent_at: now,
+                                    seq: None,
                                 });
-                                if failed && resend.is_none() {
+                                if token.is_none() && resend.is_none() {
                                     self.start_resend(&mut sent, &mut resend);
                                 }
                             }
@@ -258,16 +299,36 @@ impl ClusterOwner {
                 }
             }
         }
-        // Shutting down: wait for what is on its way (each ack is bounded by the request
-        // timeout), so the readings a producer sent before 1001 are not left in doubt.
-        while let Some(s) = sent.pop_front() {
-            crate::metrics::handles().js_acks_pending.decrement(1.0);
-            if let Some(ack) = s.ack {
-                if let Err(e) = ack.await {
-                    tracing::warn!(stream = %self.shared.id, error = %e, "a publish was not acknowledged before shutdown");
+        // Shutting down: wait (up to `ack_timeout_ms`) for what is on its way, so the
+        // readings a producer sent before 1001 are not left in doubt.
+        let until = tokio::time::Instant::now() + ack_timeout;
+        while sent.iter().any(|s| s.token.is_some() && s.seq.is_none()) {
+            let Ok((token, ack)) = tokio::time::timeout_at(until, replies.acks.next()).await else {
+                break;
+            };
+            if let Some(s) = sent.iter_mut().find(|s| s.token == Some(token)) {
+                match ack {
+                    Ack::Stored(seq) => s.seq = Some(seq),
+                    _ => s.token = None,
                 }
             }
         }
+        let metrics = crate::metrics::handles();
+        metrics.js_acks_pending.decrement(sent.len() as f64);
+        let unacked = sent.iter().filter(|s| s.seq.is_none()).count();
+        metrics
+            .readings_stored
+            .increment((sent.len() - unacked) as u64);
+        if unacked > 0 {
+            tracing::warn!(stream = %self.shared.id, unacked, "publishes not acknowledged before shutdown");
+        }
+    }
+
+    /// Opens the stream and the subscription its acks come back on.
+    async fn open_once(&self) -> Result<(JsStream, Acks), LogError> {
+        let js = self.cluster.js.open(&self.shared.id).await?;
+        let acks = js.acks().await?;
+        Ok((js, acks))
     }
 
     /// Opens the stream's JetStream stream, retrying while JetStream is unreachable or not
@@ -277,12 +338,12 @@ impl ClusterOwner {
     async fn open(
         &mut self,
         waiting: &mut Vec<(Subscriber, oneshot::Sender<u64>)>,
-    ) -> Option<Arc<JsStream>> {
+    ) -> Option<(Arc<JsStream>, Acks)> {
         let started = Instant::now();
         let mut backoff = RETRY_FIRST;
         loop {
-            match self.cluster.js.open(&self.shared.id).await {
-                Ok(js) => {
+            match self.open_once().await {
+                Ok((js, acks)) => {
                     let js = Arc::new(js);
                     // What this owner publishes can only be stored above the stream's end now.
                     if let Ok((_, last)) = js.bounds().await {
@@ -291,7 +352,7 @@ impl ClusterOwner {
                     if let Source::Cluster { stream, .. } = &self.shared.source {
                         let _ = stream.set(js.clone());
                     }
-                    return Some(js);
+                    return Some((js, acks));
                 }
                 Err(e) => {
                     tracing::warn!(stream = %self.shared.id, error = %e, "cannot open the JetStream stream; retrying");
@@ -435,62 +496,75 @@ impl ClusterOwner {
         }
     }
 
-    /// The oldest publish answered.
+    /// A publish answered.
     async fn acked(
         &mut self,
         js: &JsStream,
-        done: Result<PublishAck, PublishError>,
+        replies: &mut Replies,
+        token: u64,
+        ack: Ack,
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
-        let metrics = crate::metrics::handles();
-        match done {
-            Ok(ack) => {
-                self.last_acked = self.last_acked.max(ack.sequence);
-                let s = sent.pop_front().expect("an ack answers the front");
-                metrics.js_acks_pending.decrement(1.0);
-                metrics.readings_stored.increment(1);
-                metrics
-                    .js_publish_seconds
-                    .record(s.at.elapsed().as_secs_f64());
+        // Usually the front; none for a publish given up on (its reading is sent again).
+        let Some(i) = sent.iter().position(|s| s.token == Some(token)) else {
+            return;
+        };
+        match ack {
+            Ack::Stored(seq) => {
+                sent[i].seq = Some(seq);
+                let metrics = crate::metrics::handles();
+                while let Some(seq) = sent.front().and_then(|s| s.seq) {
+                    let s = sent.pop_front().expect("a front");
+                    self.last_acked = self.last_acked.max(seq);
+                    metrics.js_acks_pending.decrement(1.0);
+                    metrics.readings_stored.increment(1);
+                    metrics
+                        .js_publish_seconds
+                        .record(s.at.elapsed().as_secs_f64());
+                }
                 if let Some(r) = resend {
                     if sent.is_empty() {
                         tracing::info!(stream = %self.shared.id, "JetStream takes writes again");
                         *resend = None;
                     } else {
-                        r.last = Some(ack.sequence);
-                        self.send_front(js, sent, resend).await;
+                        r.last = Some(seq);
+                        self.send_front(js, replies, sent, resend).await;
                     }
                 }
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            Ack::WrongLastSequence => {
                 // A publish from before the failure landed ahead of this resend, which was
                 // refused: read the stream back again before the next.
                 tracing::info!(stream = %self.shared.id, "a reading from before the failure was stored meanwhile; checking again");
-                if let Some(front) = sent.front_mut() {
-                    front.ack = None;
-                }
-                self.retry_later(sent, resend);
+                self.failed(i, sent, resend);
             }
-            Err(e) => {
-                tracing::warn!(stream = %self.shared.id, error = %e, "publish not acknowledged; sending it again");
-                if let Some(front) = sent.front_mut() {
-                    front.ack = None;
-                }
-                if resend.is_none() {
-                    self.start_resend(sent, resend);
-                } else {
-                    self.retry_later(sent, resend);
-                }
+            Ack::Refused(reason) => {
+                tracing::warn!(stream = %self.shared.id, %reason, "publish refused; sending it again");
+                self.failed(i, sent, resend);
             }
+        }
+    }
+
+    /// The publish of `sent[i]` failed or its ack is lost: its reading may or may not be
+    /// stored, so the owner stops pipelining and sends everything unacknowledged again
+    /// (after reading the stream back), or retries later if it was doing so already.
+    fn failed(&self, i: usize, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+        sent[i].token = None;
+        if resend.is_none() {
+            self.start_resend(sent, resend);
+        } else {
+            self.retry_later(sent, resend);
         }
     }
 
     /// Stops pipelining: every reading still unacknowledged is sent again in order, one at a
     /// time, so none lands ahead of one queued before it.
     fn start_resend(&self, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+        // Acks still coming are ignored: the read-back says what was stored.
         for s in sent.iter_mut() {
-            s.ack = None;
+            s.token = None;
+            s.seq = None;
         }
         *resend = Some(Resend {
             deadline: Instant::now() + self.cluster.publish_retry,
@@ -520,6 +594,7 @@ impl ClusterOwner {
     async fn send_front(
         &mut self,
         js: &JsStream,
+        replies: &mut Replies,
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
@@ -551,9 +626,11 @@ impl ClusterOwner {
             *resend = None;
             return;
         };
-        match js.publish(front.stored.clone(), Some(last)).await {
-            Ok(ack) => {
-                front.ack = Some(ack.into_future());
+        let (token, reply) = replies.take();
+        match js.publish(front.stored.clone(), reply, Some(last)).await {
+            Ok(()) => {
+                front.token = Some(token);
+                front.sent_at = Instant::now();
                 r.at = None;
             }
             Err(e) => {
@@ -577,15 +654,6 @@ impl ClusterOwner {
         );
         sent.clear();
         self.refuse_for_a_while();
-    }
-}
-
-/// The answer to the front publish (which has one on its way): an error once
-/// `ack_timeout_ms` passed (see `JetStream::connect`).
-async fn front_ack(sent: &mut VecDeque<Sent>) -> Result<PublishAck, PublishError> {
-    match sent.front_mut().and_then(|s| s.ack.as_mut()) {
-        Some(ack) => ack.await,
-        None => std::future::pending().await,
     }
 }
 

@@ -26,9 +26,11 @@
 //! Must not know about subscribers or connections: the hub's cluster owner
 //! (`hub::cluster`) decides what to publish and whom to dispatch to.
 
-use async_nats::jetstream::{self, consumer, context::PublishAckFuture, stream};
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{header, HeaderMap, HeaderValue, StatusCode, Subject};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
+use serde::Deserialize;
 use std::time::Duration;
 
 use super::{Entry, LogError, ReadLimit};
@@ -94,6 +96,90 @@ pub fn frame_at(stored: &[u8], seq: u64) -> Result<Bytes, LogError> {
     Ok(Bytes::from(out))
 }
 
+/// The acks of one stream owner's publishes, on a subscription of its own. Each publish
+/// names `<inbox>.<token>` as its reply subject, so an ack says which publish it answers:
+/// no request map, timer or boxed future per publish, as a JetStream context's publish
+/// has (a node's CPU per reading fell by a third; BENCHMARKS.md, "Cluster").
+pub struct Acks {
+    sub: async_nats::Subscriber,
+    prefix: String,
+}
+
+/// What JetStream answered to one publish.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// Stored at this seq.
+    Stored(u64),
+    /// A resend's expected last seq was not the newest on the node's subject any more.
+    WrongLastSequence,
+    /// Not stored, with JetStream's reason.
+    Refused(String),
+}
+
+/// JetStream's error code for a failed `Nats-Expected-Last-Subject-Sequence`.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+
+#[derive(Deserialize)]
+struct AckBody {
+    seq: Option<u64>,
+    error: Option<AckErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct AckErrorBody {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+impl Ack {
+    /// Reads one ack message (a status such as 503 "no responders" is a refusal).
+    pub fn parse(status: Option<StatusCode>, payload: &[u8]) -> Ack {
+        if let Some(status) = status.filter(|s| *s != StatusCode::OK) {
+            return Ack::Refused(format!("status {status}"));
+        }
+        match serde_json::from_slice::<AckBody>(payload) {
+            Ok(AckBody { error: Some(e), .. }) if e.err_code == WRONG_LAST_SEQUENCE => {
+                Ack::WrongLastSequence
+            }
+            Ok(AckBody { error: Some(e), .. }) => Ack::Refused(e.description),
+            Ok(AckBody { seq: Some(seq), .. }) => Ack::Stored(seq),
+            Ok(_) => Ack::Refused("an ack without a seq".into()),
+            Err(e) => Ack::Refused(format!("an unreadable ack: {e}")),
+        }
+    }
+}
+
+impl Acks {
+    /// The reply subject of the publish `token`.
+    pub fn reply(&self, token: u64) -> Subject {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(token);
+        let mut reply = String::with_capacity(self.prefix.len() + 1 + digits.len());
+        reply.push_str(&self.prefix);
+        reply.push('.');
+        reply.push_str(digits);
+        Subject::from(reply)
+    }
+
+    /// The next ack: the token of the publish it answers, and the answer. Never ends (a
+    /// subscription that closed with its client waits forever: the owner's ack timeout
+    /// takes over).
+    pub async fn next(&mut self) -> (u64, Ack) {
+        while let Some(m) = self.sub.next().await {
+            let token = m
+                .subject
+                .rsplit_once('.')
+                .and_then(|(_, t)| t.parse::<u64>().ok());
+            if let Some(token) = token {
+                return (token, Ack::parse(m.status, &m.payload));
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 fn js_err(e: impl std::error::Error + Send + Sync + 'static) -> LogError {
     LogError::JetStream(Box::new(e))
 }
@@ -114,8 +200,8 @@ pub struct JetStream {
     replicas: usize,
     retention: Retention,
     request_timeout: Duration,
-    /// Publishes, with `ack_timeout_ms` as their ack's bound.
-    publisher: jetstream::Context,
+    /// How long a publish may wait for its ack before its owner counts it as lost.
+    ack_timeout: Duration,
     /// Names the subject this node publishes on.
     node_id: String,
 }
@@ -179,19 +265,10 @@ impl JetStream {
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
             .build(client.clone());
-        // async-nats bounds an awaited publish ack by its context's timeout (its
-        // `ack_timeout` only covers acks nobody awaits), so publishes go through a context
-        // of their own whose timeout is `ack_timeout_ms`: one timer per publish, the
-        // client's.
-        let publisher = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_millis(config.ack_timeout_ms))
-            // Each stream bounds its own acks pending; this only caps the node's total.
-            .max_ack_inflight(1 << 20)
-            .build(client.clone());
         Ok(Self {
             client,
             js,
-            publisher,
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
             replicas: config.stream_replicas,
             retention,
             request_timeout,
@@ -230,10 +307,11 @@ impl JetStream {
         let stream = self.js.get_stream_no_info(&name).await.map_err(js_err)?;
         Ok(JsStream {
             js: self.js.clone(),
-            publisher: self.publisher.clone(),
+            client: self.client.clone(),
             stream,
-            subject: async_nats::Subject::from(node_subject(developer, &self.node_id)),
+            subject: Subject::from(node_subject(developer, &self.node_id)),
             request_timeout: self.request_timeout,
+            ack_timeout: self.ack_timeout,
         })
     }
 
@@ -246,34 +324,59 @@ impl JetStream {
 /// One developer's JetStream stream.
 pub struct JsStream {
     js: jetstream::Context,
-    publisher: jetstream::Context,
+    client: async_nats::Client,
     stream: jetstream::stream::Stream<()>,
     /// Cloned per publish: a reference count, not a copy of the string.
-    subject: async_nats::Subject,
+    subject: Subject,
     request_timeout: Duration,
+    ack_timeout: Duration,
 }
 
 /// The live readings of a stream as JetStream stores them, in seq order.
 pub type Tail = consumer::push::Ordered;
 
 impl JsStream {
-    /// Sends one reading (in its [`stored`] form); the future resolves with its seq once
-    /// JetStream stored it, or with an error once `ack_timeout_ms` passed. A resend after a
-    /// failure names `after`, the newest seq it saw on this node's subject: it is stored
-    /// only if that is still the newest (else its ack is a `WrongLastSequence` error).
+    /// Where this stream's publish acks come back: a subscription of the owner's own.
+    pub async fn acks(&self) -> Result<Acks, LogError> {
+        let prefix = self.client.new_inbox();
+        let sub = self
+            .client
+            .subscribe(format!("{prefix}.*"))
+            .await
+            .map_err(js_err)?;
+        Ok(Acks { sub, prefix })
+    }
+
+    /// How long a publish may wait for its ack (`ack_timeout_ms`) before it counts as lost.
+    pub fn ack_timeout(&self) -> Duration {
+        self.ack_timeout
+    }
+
+    /// Sends one reading (in its [`stored`] form), its ack to come back on `reply` (an
+    /// [`Acks::reply`]). A resend after a failure names `after`, the newest seq it saw on
+    /// this node's subject: it is stored only if that is still the newest (else its ack is
+    /// [`Ack::WrongLastSequence`]).
     pub async fn publish(
         &self,
         stored: Bytes,
+        reply: Subject,
         after: Option<u64>,
-    ) -> Result<PublishAckFuture, LogError> {
-        let mut message = jetstream::message::PublishMessage::build();
-        if let Some(last) = after {
-            message = message.expected_last_subject_sequence(last);
+    ) -> Result<(), LogError> {
+        let subject = self.subject.clone();
+        match after {
+            None => self.client.publish_with_reply(subject, reply, stored).await,
+            Some(last) => {
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    HeaderValue::from(last),
+                );
+                self.client
+                    .publish_with_reply_and_headers(subject, reply, headers, stored)
+                    .await
+            }
         }
-        self.publisher
-            .send_publish(self.subject.clone(), message.payload(stored))
-            .await
-            .map_err(js_err)
+        .map_err(js_err)
     }
 
     /// What the stream holds of this node's readings past seq `after` (the newest it
@@ -474,5 +577,33 @@ mod tests {
         assert!(frame_at(b"\0\0", 1).is_err());
         assert!(frame_at(&stored(1, b"ab", 2)[..13], 1).is_err());
         assert!(frame_at(&stored(1, b"ab", 3), 1).is_err());
+    }
+
+    #[test]
+    fn acks_read_as_jetstream_sends_them() {
+        let ack = |p: &str| Ack::parse(None, p.as_bytes());
+        assert_eq!(ack(r#"{"stream":"SG_d0","seq":7}"#), Ack::Stored(7));
+        assert_eq!(
+            ack(r#"{"stream":"SG_d0","domain":"hub","seq":8,"duplicate":true}"#),
+            Ack::Stored(8)
+        );
+        assert_eq!(
+            ack(
+                r#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 3"},"stream":"SG_d0","seq":0}"#
+            ),
+            Ack::WrongLastSequence
+        );
+        assert_eq!(
+            ack(
+                r#"{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"stream":"SG_d0","seq":0}"#
+            ),
+            Ack::Refused("maximum messages exceeded".into())
+        );
+        assert!(matches!(ack(r#"{"stream":"SG_d0"}"#), Ack::Refused(_)));
+        assert!(matches!(ack("not json"), Ack::Refused(_)));
+        assert_eq!(
+            Ack::parse(Some(StatusCode::NO_RESPONDERS), b""),
+            Ack::Refused("status 503".into())
+        );
     }
 }
