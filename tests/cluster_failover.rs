@@ -326,6 +326,44 @@ async fn a_killed_nats_server_stalls_producers_briefly_and_loses_nothing() {
     }
 }
 
+/// Acks on their way go with the NATS connection that carried them. A node whose server
+/// dies reads the stream back and sends again as soon as it has reconnected, instead of
+/// waiting out `ack_timeout_ms` (a minute here: far longer than the test waits for a
+/// reading). The server is frozen first, so the readings the node sends it next are
+/// certainly unacknowledged when it dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_nats_server_dies_does_not_wait_out_its_ack_timeout() {
+    let mut nats = NatsCluster::start(3).await;
+    let urls = nats.urls();
+    // The producer's node is given only the server that dies; it learns the others from it.
+    let a = ProcNode::start_with(&urls[..1], "", "ack_timeout_ms = 60000").await;
+    let b = ProcNode::start(&urls[1..], "").await;
+    let t = token(b.addr(), "/auth/developer", DEV, KEY).await;
+    let mut consumer = Client::identified(b.addr(), &t, 1).await;
+    let t = token(a.addr(), "/auth/user?id=runner", DEV, KEY).await;
+    let mut producer = Client::identified(a.addr(), &t, 0).await;
+    let mut tally = Tally::default();
+    for i in 1..=500 {
+        producer.submit("STEPS", &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    while tally.of("runner") < 500 {
+        tally.add(&consumer.recv().await);
+    }
+    nats.servers[0].stop();
+    for i in 501..=700 {
+        producer.submit("STEPS", &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    // The node has read them (and sent them to the frozen server) once it answers a ping.
+    producer.ping().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nats.servers[0].kill9();
+    while tally.of("runner") < 700 {
+        tally.add(&consumer.recv().await);
+    }
+    assert_eq!((tally.duplicated, tally.reused), (0, 0));
+    assert_eq!(tally.contiguous(), 700, "every reading once, in seq order");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_node_leaves_rotation_before_it_closes_its_clients() {
     let c = Cluster::start("drain_delay_ms = 2000").await;

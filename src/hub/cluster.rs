@@ -141,6 +141,7 @@ pub(super) struct ClusterOwner {
 enum Wake {
     Acked(u64, Ack),
     AckLost,
+    Disconnected,
     Resend,
     Live(Option<Result<Box<async_nats::jetstream::Message>, LogError>>),
     Linger,
@@ -156,6 +157,7 @@ impl ClusterOwner {
         };
         let mut replies = Replies { acks, next: 0 };
         let ack_timeout = js.ack_timeout();
+        let mut disconnects = js.disconnects();
         let mut subs: Vec<Subscriber> = Vec::new();
         let mut tail: Option<Tail> = None;
         if !waiting.is_empty() {
@@ -187,6 +189,7 @@ impl ClusterOwner {
                 biased;
                 (token, ack) = replies.acks.next() => Wake::Acked(token, ack),
                 _ = sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => Wake::AckLost,
+                Ok(()) = disconnects.changed() => Wake::Disconnected,
                 _ = sleep_until(resend_at.unwrap_or_else(Instant::now).into()), if resend_at.is_some() => Wake::Resend,
                 m = next_live(&mut tail), if tail.is_some() => Wake::Live(m),
                 _ = sleep_until((idle_since + TAIL_LINGER).into()), if tail.is_some() && subs.is_empty() => Wake::Linger,
@@ -201,6 +204,18 @@ impl ClusterOwner {
                 Wake::AckLost => {
                     tracing::warn!(stream = %self.shared.id, "publish not acknowledged in time; sending it again");
                     self.failed(0, &mut sent, &mut resend);
+                }
+                Wake::Disconnected => {
+                    // The acks on their way went with the connection: read back now rather
+                    // than wait out `ack_timeout_ms`.
+                    if let Some(i) = sent.iter().position(|s| s.token.is_some()) {
+                        tracing::warn!(stream = %self.shared.id, unacknowledged = sent.len(), "NATS connection lost with publishes unacknowledged; reading back");
+                        self.failed(i, &mut sent, &mut resend);
+                    }
+                    // The tail's consumer may have been on the server that went, which its
+                    // client notices only after missed heartbeats (ten seconds): the first
+                    // watchdog tick that finds JetStream ahead of the mark starts it again.
+                    watched = (self.shared.durable.load(Ordering::SeqCst), true);
                 }
                 Wake::Resend => {
                     self.send_front(&js, &mut replies, &mut sent, &mut resend)
@@ -230,7 +245,11 @@ impl ClusterOwner {
                     let mark = self.shared.durable.load(Ordering::SeqCst);
                     if mark != watched.0 {
                         watched = (mark, false);
-                    } else if let Ok((_, last)) = js.bounds().await {
+                    } else if let Ok(Ok((_, last))) =
+                        // Not the owner's whole request timeout: a stream without a leader
+                        // leaves the question unanswered, and the owner has acks to read.
+                        tokio::time::timeout(WATCHDOG_EVERY, js.bounds()).await
+                    {
                         let behind = last > mark;
                         if behind && watched.1 {
                             tracing::warn!(stream = %self.shared.id, mark, last, "stream tail stalled; reopening");

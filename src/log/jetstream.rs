@@ -31,7 +31,9 @@ use async_nats::{header, HeaderMap, HeaderValue, StatusCode, Subject};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::Deserialize;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 
 use super::{Entry, LogError, ReadLimit};
 use crate::config::ClusterConfig;
@@ -202,6 +204,8 @@ pub struct JetStream {
     request_timeout: Duration,
     /// How long a publish may wait for its ack before its owner counts it as lost.
     ack_timeout: Duration,
+    /// Counts the times the NATS connection dropped.
+    disconnects: watch::Receiver<u64>,
     /// Names the subject this node publishes on.
     node_id: String,
 }
@@ -215,33 +219,41 @@ impl JetStream {
         node_id: &str,
         retention: Retention,
     ) -> Result<Self, LogError> {
+        let (dropped, disconnects) = watch::channel(0u64);
+        let dropped = Arc::new(dropped);
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("sensorgate {node_id}"))
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .request_timeout(Some(Duration::from_millis(config.request_timeout_ms)))
             .max_reconnects(None)
-            .event_callback(|event| async move {
-                use async_nats::Event;
-                let (name, connected) = match &event {
-                    Event::Connected => ("connected", Some(true)),
-                    Event::Disconnected => ("disconnected", Some(false)),
-                    Event::Closed => ("closed", Some(false)),
-                    Event::LameDuckMode => ("lame_duck", None),
-                    Event::Draining => ("draining", None),
-                    Event::SlowConsumer(_) => ("slow_consumer", None),
-                    Event::ServerError(_) => ("server_error", None),
-                    Event::ClientError(_) => ("client_error", None),
-                };
-                crate::metrics::nats_event(name);
-                if let Some(up) = connected {
-                    crate::metrics::handles()
-                        .js_connected
-                        .set(if up { 1.0 } else { 0.0 });
-                }
-                if let Event::Connected = event {
-                    tracing::info!("nats connected");
-                } else {
-                    tracing::warn!(event = %event, "nats");
+            .event_callback(move |event| {
+                let dropped = dropped.clone();
+                async move {
+                    use async_nats::Event;
+                    let (name, connected) = match &event {
+                        Event::Connected => ("connected", Some(true)),
+                        Event::Disconnected => ("disconnected", Some(false)),
+                        Event::Closed => ("closed", Some(false)),
+                        Event::LameDuckMode => ("lame_duck", None),
+                        Event::Draining => ("draining", None),
+                        Event::SlowConsumer(_) => ("slow_consumer", None),
+                        Event::ServerError(_) => ("server_error", None),
+                        Event::ClientError(_) => ("client_error", None),
+                    };
+                    crate::metrics::nats_event(name);
+                    if let Some(up) = connected {
+                        crate::metrics::handles()
+                            .js_connected
+                            .set(if up { 1.0 } else { 0.0 });
+                    }
+                    if let Event::Disconnected = event {
+                        dropped.send_modify(|n| *n += 1);
+                    }
+                    if let Event::Connected = event {
+                        tracing::info!("nats connected");
+                    } else {
+                        tracing::warn!(event = %event, "nats");
+                    }
                 }
             });
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
@@ -269,6 +281,7 @@ impl JetStream {
             client,
             js,
             ack_timeout: Duration::from_millis(config.ack_timeout_ms),
+            disconnects,
             replicas: config.stream_replicas,
             retention,
             request_timeout,
@@ -312,6 +325,7 @@ impl JetStream {
             subject: Subject::from(node_subject(developer, &self.node_id)),
             request_timeout: self.request_timeout,
             ack_timeout: self.ack_timeout,
+            disconnects: self.disconnects.clone(),
         })
     }
 
@@ -330,6 +344,7 @@ pub struct JsStream {
     subject: Subject,
     request_timeout: Duration,
     ack_timeout: Duration,
+    disconnects: watch::Receiver<u64>,
 }
 
 /// The live readings of a stream as JetStream stores them, in seq order.
@@ -350,6 +365,14 @@ impl JsStream {
     /// How long a publish may wait for its ack (`ack_timeout_ms`) before it counts as lost.
     pub fn ack_timeout(&self) -> Duration {
         self.ack_timeout
+    }
+
+    /// Changes each time the NATS connection drops: acks on their way are lost with it, and
+    /// a tail's consumer may have been on the server that went.
+    pub fn disconnects(&self) -> watch::Receiver<u64> {
+        let mut rx = self.disconnects.clone();
+        rx.mark_unchanged();
+        rx
     }
 
     /// Sends one reading (in its [`stored`] form), its ack to come back on `reply` (an

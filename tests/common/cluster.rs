@@ -64,6 +64,16 @@ impl Nats {
     }
 
     /// SIGKILL, as a crash.
+    /// Freezes it (SIGSTOP): its connections stay open and what arrives stays unread.
+    pub fn stop(&self) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -214,6 +224,11 @@ pub struct ProcNode {
 
 impl ProcNode {
     pub async fn start(urls: &[String], extra: &str) -> Self {
+        Self::start_with(urls, extra, "").await
+    }
+
+    /// `extra` goes at the top of the config, `cluster_extra` into its `[cluster]` table.
+    pub async fn start_with(urls: &[String], extra: &str, cluster_extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = super::free_port();
         let urls: Vec<String> = urls.iter().map(|u| format!("\"{u}\"")).collect();
@@ -221,7 +236,7 @@ impl ProcNode {
             dir.path(),
             port,
             &format!(
-                "token_secret = \"{SECRET}\"\n{extra}\n[cluster]\nnats_urls = [{}]\nstream_replicas = 3\n",
+                "token_secret = \"{SECRET}\"\n{extra}\n[cluster]\nnats_urls = [{}]\nstream_replicas = 3\n{cluster_extra}\n",
                 urls.join(", ")
             ),
         );

@@ -323,7 +323,11 @@ impl Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_sensorgate"))
             .arg("--config")
             .arg(config_path)
-            .env("SENSORGATE_LOG", "warn")
+            // SG_TEST_LOG=info shows what a node did while a test ran.
+            .env(
+                "SENSORGATE_LOG",
+                std::env::var("SG_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("binary starts");
