@@ -102,13 +102,18 @@ fn produce(addr: SocketAddr, uid: &'static str, n: u64, per_s: u64) -> tokio::ta
 /// without a gap.
 ///
 /// Live frames the new connection got before the server read its REPLAY come again in
-/// order after it (README, REPLAY): until the replay's first frame (`after` + 1) arrives,
-/// frames are not counted.
+/// order after it (README, REPLAY): until the first frame with seq `after` + 1 arrives,
+/// frames are not counted; and when live frames from `after` + 1 on came first, the
+/// REPLAY's own `after` + 1 starts their repeat, which is skipped while it matches.
 struct Survivor {
     lb: SocketAddr,
     client: Client,
     tally: Tally,
-    awaiting: Option<u64>,
+    /// After a reconnect: the seq the REPLAY starts at, and the newest seq counted since
+    /// (below it: nothing counted yet).
+    resumed: Option<(u64, u64)>,
+    /// Inside the documented repeat: frames up to this seq come once more.
+    repeat_to: Option<u64>,
 }
 
 impl Survivor {
@@ -118,7 +123,8 @@ impl Survivor {
             lb,
             client,
             tally: Tally::default(),
-            awaiting: None,
+            resumed: None,
+            repeat_to: None,
         }
     }
 
@@ -159,6 +165,37 @@ impl Survivor {
         }
     }
 
+    /// Whether `frame` is one the REPLAY contract lets come again (not counted): a live
+    /// frame ahead of the REPLAY's first, or the repeat of live frames counted before it.
+    /// Anything else is counted, so a seq that comes again with another reading, or a
+    /// repeat outside that window, still shows as reused or duplicated.
+    fn repeated(&mut self, frame: &str) -> bool {
+        let (seq, uid, t, d) = dispatch(frame);
+        let same = || self.tally.seen.get(&seq) == Some(&format!("{uid}|{t}|{d}"));
+        if let Some(to) = self.repeat_to {
+            if seq <= to && same() {
+                return true;
+            }
+            self.repeat_to = None;
+        }
+        let Some((first, counted)) = self.resumed else {
+            return false;
+        };
+        if counted < first {
+            // Nothing counted since the reconnect: wait for the REPLAY's first seq.
+            if seq != first {
+                return true;
+            }
+        } else if seq == first && same() {
+            // The REPLAY's first frame after live ones: those come again, up to `counted`.
+            self.repeat_to = Some(counted);
+            self.resumed = None;
+            return true;
+        }
+        self.resumed = Some((first, counted.max(seq)));
+        false
+    }
+
     /// Reads until `until` says stop; reconnects (and REPLAYs) whenever the connection
     /// drops. Returns how many reconnects it made and the first gap from a drop to a frame.
     async fn read_until(&mut self, until: impl Fn(&Tally) -> bool) -> (u32, Option<Duration>) {
@@ -171,11 +208,8 @@ impl Survivor {
                     if let Some(at) = dropped_at.take() {
                         outage.get_or_insert(at.elapsed());
                     }
-                    if let Some(first) = self.awaiting {
-                        if dispatch(t.as_str()).0 != first {
-                            continue;
-                        }
-                        self.awaiting = None;
+                    if self.repeated(t.as_str()) {
+                        continue;
                     }
                     self.tally.add(t.as_str());
                 }
@@ -185,7 +219,8 @@ impl Survivor {
                     reconnects += 1;
                     self.client = Self::identify(self.lb).await;
                     let after = self.tally.contiguous();
-                    self.awaiting = Some(after + 1);
+                    self.resumed = Some((after + 1, after));
+                    self.repeat_to = None;
                     self.client
                         .send(&format!(r#"{{"op":7,"d":{{"after":{after}}}}}"#))
                         .await;

@@ -80,8 +80,12 @@ impl Cluster {
 
 /// How long a tail with no subscriber is kept, so a consumer that reconnects finds it.
 const TAIL_LINGER: Duration = Duration::from_secs(30);
-/// How often a stream with subscribers checks that its tail still delivers.
+/// How often a stream with subscribers checks that its tail still delivers, while readings
+/// flow (or JetStream is ahead of the mark)...
 const WATCHDOG_EVERY: Duration = Duration::from_millis(750);
+/// ...and at most how seldom while the stream is idle: each check is a JetStream API request,
+/// and a node may hold many idle streams with subscribers.
+const WATCHDOG_IDLE: Duration = Duration::from_secs(8);
 /// First wait before sending an unacknowledged reading again; doubles up to a second.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 
@@ -137,6 +141,57 @@ pub(super) struct ClusterOwner {
     pub last_acked: u64,
 }
 
+/// Whether a stream's tail still delivers: a tail whose consumer vanished with a server
+/// may stay silent until its client notices missed heartbeats (ten seconds or more), so
+/// JetStream ahead of the mark for two checks in a row with nothing delivered restarts it.
+struct Watchdog {
+    /// The mark at the last check, and whether JetStream was ahead of it then.
+    mark: u64,
+    behind: bool,
+    every: Duration,
+    next: Instant,
+}
+
+impl Watchdog {
+    fn new() -> Self {
+        Self {
+            mark: 0,
+            behind: false,
+            every: WATCHDOG_EVERY,
+            next: Instant::now() + WATCHDOG_EVERY,
+        }
+    }
+
+    /// Something may have taken the tail's consumer (a dropped NATS connection): the first
+    /// check that finds JetStream ahead of `mark` restarts the tail.
+    fn suspect(&mut self, mark: u64) {
+        self.mark = mark;
+        self.behind = true;
+        self.every = WATCHDOG_EVERY;
+        self.next = Instant::now() + WATCHDOG_EVERY;
+    }
+
+    /// Records a check (`last`: JetStream's newest seq, None if it did not answer); true if
+    /// the tail is to be restarted. Checks back off while nothing happens.
+    fn checked(&mut self, mark: u64, last: Option<u64>) -> bool {
+        let mut restart = false;
+        if mark != self.mark {
+            (self.mark, self.behind, self.every) = (mark, false, WATCHDOG_EVERY);
+        } else if let Some(last) = last {
+            let behind = last > mark;
+            restart = behind && self.behind;
+            self.behind = behind && !restart;
+            self.every = if behind {
+                WATCHDOG_EVERY
+            } else {
+                (self.every * 2).min(WATCHDOG_IDLE)
+            };
+        }
+        self.next = Instant::now() + self.every;
+        restart
+    }
+}
+
 /// What the owner's loop woke up for.
 enum Wake {
     Acked(u64, Ack),
@@ -170,10 +225,7 @@ impl ClusterOwner {
             }
         }
         let mut idle_since = Instant::now();
-        let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
-        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The mark at the last tick, and whether JetStream was ahead of it then.
-        let mut watched = (0u64, false);
+        let mut watchdog = Watchdog::new();
         let mut sent: VecDeque<Sent> = VecDeque::new();
         let mut resend: Option<Resend> = None;
         let mut cmds = Vec::with_capacity(self.batch_max);
@@ -193,7 +245,7 @@ impl ClusterOwner {
                 _ = sleep_until(resend_at.unwrap_or_else(Instant::now).into()), if resend_at.is_some() => Wake::Resend,
                 m = next_live(&mut tail), if tail.is_some() => Wake::Live(m),
                 _ = sleep_until((idle_since + TAIL_LINGER).into()), if tail.is_some() && subs.is_empty() => Wake::Linger,
-                _ = watchdog.tick(), if tail.is_some() && !subs.is_empty() => Wake::Watchdog,
+                _ = sleep_until(watchdog.next.into()), if tail.is_some() && !subs.is_empty() => Wake::Watchdog,
                 n = self.rx.recv_many(&mut cmds, self.batch_max), if taking => Wake::Commands(n),
             };
             match wake {
@@ -212,10 +264,8 @@ impl ClusterOwner {
                         tracing::warn!(stream = %self.shared.id, unacknowledged = sent.len(), "NATS connection lost with publishes unacknowledged; reading back");
                         self.failed(i, &mut sent, &mut resend);
                     }
-                    // The tail's consumer may have been on the server that went, which its
-                    // client notices only after missed heartbeats (ten seconds): the first
-                    // watchdog tick that finds JetStream ahead of the mark starts it again.
-                    watched = (self.shared.durable.load(Ordering::SeqCst), true);
+                    // The tail's consumer may have been on the server that went.
+                    watchdog.suspect(self.shared.durable.load(Ordering::SeqCst));
                 }
                 Wake::Resend => {
                     self.send_front(&js, &mut replies, &mut sent, &mut resend)
@@ -238,28 +288,22 @@ impl ClusterOwner {
                 }
                 Wake::Linger => tail = None,
                 Wake::Watchdog => {
-                    // A tail whose consumer vanished with a server may stay silent until the
-                    // client notices missed heartbeats (ten seconds or more). JetStream
-                    // ahead of the mark for two ticks in a row with nothing delivered: start
-                    // the tail again from the mark.
                     let mark = self.shared.durable.load(Ordering::SeqCst);
-                    if mark != watched.0 {
-                        watched = (mark, false);
-                    } else if let Ok(Ok((_, last))) =
+                    let last = if mark == watchdog.mark {
                         // Not the owner's whole request timeout: a stream without a leader
                         // leaves the question unanswered, and the owner has acks to read.
-                        tokio::time::timeout(WATCHDOG_EVERY, js.bounds()).await
-                    {
-                        let behind = last > mark;
-                        if behind && watched.1 {
-                            tracing::warn!(stream = %self.shared.id, mark, last, "stream tail stalled; reopening");
-                            tail = self.open_tail(&js, false).await;
-                            if tail.is_none() {
-                                subs.clear();
-                            }
-                            watched.1 = false;
-                        } else {
-                            watched.1 = behind;
+                        match tokio::time::timeout(WATCHDOG_EVERY, js.bounds()).await {
+                            Ok(Ok((_, last))) => Some(last),
+                            _ => None,
+                        }
+                    } else {
+                        None
+                    };
+                    if watchdog.checked(mark, last) {
+                        tracing::warn!(stream = %self.shared.id, mark, last = ?last, "stream tail stalled; reopening");
+                        tail = self.open_tail(&js, false).await;
+                        if tail.is_none() {
+                            subs.clear();
                         }
                     }
                 }
@@ -685,5 +729,43 @@ async fn next_live(
                 .map_err(|e| LogError::JetStream(Box::new(e)))
         }),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_restarts_a_silent_tail_and_backs_off_while_idle() {
+        let mut w = Watchdog::new();
+        // Readings flow: checked at the base rate, nothing restarted.
+        assert!(!w.checked(10, None));
+        assert!(!w.checked(20, None));
+        assert_eq!(w.every, WATCHDOG_EVERY);
+        // Idle and JetStream agrees: checks back off, up to WATCHDOG_IDLE.
+        let mut every = Vec::new();
+        for _ in 0..6 {
+            assert!(!w.checked(20, Some(20)));
+            every.push(w.every.as_millis());
+        }
+        assert_eq!(every, [1500, 3000, 6000, 8000, 8000, 8000]);
+        // JetStream ahead with nothing delivered: once may be a reading on its way, twice
+        // is a silent tail.
+        assert!(!w.checked(20, Some(25)));
+        assert_eq!(w.every, WATCHDOG_EVERY);
+        assert!(w.checked(20, Some(26)));
+        // Restarted: the next check starts over.
+        assert!(!w.checked(20, Some(26)));
+        // An unanswered check changes nothing.
+        assert!(!w.checked(20, None));
+        assert!(w.checked(20, Some(27)));
+        // A dropped connection: the first check that finds JetStream ahead restarts it.
+        w.suspect(30);
+        assert_eq!(w.every, WATCHDOG_EVERY);
+        assert!(w.checked(30, Some(31)));
+        // Delivery resumed meanwhile: nothing to restart.
+        w.suspect(40);
+        assert!(!w.checked(45, Some(50)));
     }
 }
