@@ -5,16 +5,17 @@
 //! were queued, on the node's own subject, with up to `max_acks_pending` acks outstanding;
 //! the acks come back on a subscription of the owner's own ([`Acks`]), in order, and the
 //! front's is given `ack_timeout_ms`. When JetStream does not acknowledge one (a server
-//! lost, a leader being elected), the
-//! owner stops taking new readings, reads back which of the unacknowledged ones the stream
-//! holds all the same (`log::jetstream`: a retry stores nothing twice), and sends the rest
-//! again, one at a time and in order, for up to `publish_retry_ms`; then it gives up: the
-//! stream refuses publishes for a while (producers get 1011) and what was not acknowledged
-//! is never dispatched. **Live delivery**: while this node has subscribers, an ordered
-//! consumer tails the stream; what it delivers is stored on a quorum of the stream's
-//! replicas, so its seq is the durable mark, raised before the batch is offered to the
-//! subscribers, exactly as in the embedded owner (`hub::stream`). A reading published on
-//! any node reaches every node's consumers this way.
+//! lost, a leader being elected; a dropped NATS connection loses every ack on its way),
+//! the owner stops taking new readings, reads back which of the unacknowledged ones the
+//! stream holds all the same (`log::jetstream`: a retry stores nothing twice), and sends
+//! the rest again, one at a time and in order, for up to `publish_retry_ms`; then it gives
+//! up: the stream refuses publishes for a while (producers get 1011) and what was not
+//! acknowledged is never dispatched. **Live delivery**: while this node has subscribers, an
+//! ordered consumer tails the stream; what it delivers is stored on a quorum of the
+//! stream's replicas, so its seq is the durable mark, raised before the batch is offered
+//! to the subscribers, exactly as in the embedded owner (`hub::stream`). A reading
+//! published on any node reaches every node's consumers this way; a `Watchdog` restarts
+//! a tail that went silent with its server.
 //!
 //! Must not know about connections or protocols: it shares [`Subscriber`] and [`Batch`] with
 //! the embedded owner.
