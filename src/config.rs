@@ -310,7 +310,8 @@ pub struct ClusterConfig {
     pub request_timeout_ms: u64,
     /// Time a publish waits for its ack before it counts as lost (the stream is then asked
     /// whether it holds it, and it is sent again if not): short, so a lost server costs a
-    /// stall of about this plus the stream's leader election.
+    /// stall of about this plus the stream's leader election. A dropped NATS connection
+    /// does not wait for it: the acks on their way went with the connection.
     pub ack_timeout_ms: u64,
     /// How long a stream keeps retrying readings JetStream did not acknowledge (a server
     /// lost, a leader being elected) before it gives up: its producers then get 1011 and

@@ -376,15 +376,30 @@ impl ClusterOwner {
                     _ => s.token = None,
                 }
             }
+            self.settle_front(&mut sent);
         }
+        // What is left waits behind a publish that was not answered.
         let metrics = crate::metrics::handles();
         metrics.js_acks_pending.decrement(sent.len() as f64);
-        let unacked = sent.iter().filter(|s| s.seq.is_none()).count();
-        metrics
-            .readings_stored
-            .increment((sent.len() - unacked) as u64);
-        if unacked > 0 {
-            tracing::warn!(stream = %self.shared.id, unacked, "publishes not acknowledged before shutdown");
+        let stored = sent.iter().filter(|s| s.seq.is_some()).count();
+        metrics.readings_stored.increment(stored as u64);
+        if stored < sent.len() {
+            tracing::warn!(stream = %self.shared.id, unacked = sent.len() - stored, "publishes not acknowledged before shutdown");
+        }
+    }
+
+    /// Lets the acknowledged readings at the front go, in order: `last_acked` rises past
+    /// them and nothing behind an unanswered one.
+    fn settle_front(&mut self, sent: &mut VecDeque<Sent>) {
+        let metrics = crate::metrics::handles();
+        while let Some(seq) = sent.front().and_then(|s| s.seq) {
+            let s = sent.pop_front().expect("a front");
+            self.last_acked = self.last_acked.max(seq);
+            metrics.js_acks_pending.decrement(1.0);
+            metrics.readings_stored.increment(1);
+            metrics
+                .js_publish_seconds
+                .record(s.at.elapsed().as_secs_f64());
         }
     }
 
@@ -577,16 +592,7 @@ impl ClusterOwner {
         match ack {
             Ack::Stored(seq) => {
                 sent[i].seq = Some(seq);
-                let metrics = crate::metrics::handles();
-                while let Some(seq) = sent.front().and_then(|s| s.seq) {
-                    let s = sent.pop_front().expect("a front");
-                    self.last_acked = self.last_acked.max(seq);
-                    metrics.js_acks_pending.decrement(1.0);
-                    metrics.readings_stored.increment(1);
-                    metrics
-                        .js_publish_seconds
-                        .record(s.at.elapsed().as_secs_f64());
-                }
+                self.settle_front(sent);
                 if let Some(r) = resend {
                     if sent.is_empty() {
                         tracing::info!(stream = %self.shared.id, "JetStream takes writes again");

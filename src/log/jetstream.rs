@@ -31,7 +31,6 @@ use async_nats::{header, HeaderMap, HeaderValue, StatusCode, Subject};
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
 use serde::Deserialize;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -101,7 +100,7 @@ pub fn frame_at(stored: &[u8], seq: u64) -> Result<Bytes, LogError> {
 /// The acks of one stream owner's publishes, on a subscription of its own. Each publish
 /// names `<inbox>.<token>` as its reply subject, so an ack says which publish it answers:
 /// no request map, timer or boxed future per publish, as a JetStream context's publish
-/// has (a node's CPU per reading fell by a third; BENCHMARKS.md, "Cluster").
+/// has (a node's CPU per reading fell by 20–42 %; BENCHMARKS.md, "Cluster").
 pub struct Acks {
     sub: async_nats::Subscriber,
     prefix: String,
@@ -220,7 +219,6 @@ impl JetStream {
         retention: Retention,
     ) -> Result<Self, LogError> {
         let (dropped, disconnects) = watch::channel(0u64);
-        let dropped = Arc::new(dropped);
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("sensorgate {node_id}"))
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
@@ -319,7 +317,6 @@ impl JetStream {
             .map_err(js_err)?;
         let stream = self.js.get_stream_no_info(&name).await.map_err(js_err)?;
         Ok(JsStream {
-            js: self.js.clone(),
             client: self.client.clone(),
             stream,
             subject: Subject::from(node_subject(developer, &self.node_id)),
@@ -337,7 +334,6 @@ impl JetStream {
 
 /// One developer's JetStream stream.
 pub struct JsStream {
-    js: jetstream::Context,
     client: async_nats::Client,
     stream: jetstream::stream::Stream<()>,
     /// Cloned per publish: a reference count, not a copy of the string.
@@ -433,7 +429,7 @@ impl JsStream {
         after: u64,
     ) -> Result<(std::collections::HashSet<u64>, u64), LogError> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
-        tokio::time::timeout(READ_BACK_STEP, self.js.client().flush())
+        tokio::time::timeout(READ_BACK_STEP, self.client.flush())
             .await
             .map_err(js_err)?
             .map_err(js_err)?;
@@ -480,7 +476,7 @@ impl JsStream {
     /// recreates from where it was after a gap or a lost server, so nothing is skipped.
     pub async fn tail(&self, from: u64) -> Result<Tail, LogError> {
         let config = consumer::push::OrderedConfig {
-            deliver_subject: self.js.client().new_inbox(),
+            deliver_subject: self.client.new_inbox(),
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from.max(1),
             },

@@ -66,12 +66,7 @@ impl Nats {
     /// SIGKILL, as a crash.
     /// Freezes it (SIGSTOP): its connections stay open and what arrives stays unread.
     pub fn stop(&self) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = std::process::Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        super::signal(self.child.as_ref().expect("running").id(), "STOP");
     }
 
     pub fn kill9(&mut self) {
