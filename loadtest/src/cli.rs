@@ -150,6 +150,12 @@ pub struct DiskFloorArgs {
     /// grows the file too.
     #[arg(long)]
     pub append: bool,
+
+    /// Commit threads: each writes what has arrived after the previous batch, then syncs, so
+    /// up to this many `fdatasync`s are in flight (a reading is durable once a sync that
+    /// started after its write returns).
+    #[arg(long, default_value_t = 1)]
+    pub lanes: usize,
 }
 
 /// Options of `stomp`.

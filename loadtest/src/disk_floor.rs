@@ -4,8 +4,9 @@
 //! commit thread does at the least — gathers every reading that has arrived, writes them
 //! with one `pwrite` after the previous ones in one file (preallocated with `fallocate`, as
 //! the server's segments are, unless `--append`) and waits for one `fdatasync` — and
-//! records each reading's
-//! arrival→synced time. No network, no parsing, no index: the latency that is left is the
+//! records each reading's arrival→synced time. `--lanes N` runs N such threads, so N syncs
+//! can be in flight (the design a strict server would need to stop waiting behind a slow
+//! sync; BENCHMARKS.md has why the server does not). No network, no parsing, no index: the latency that is left is the
 //! disk's. A strict server's SUBMIT→DISPATCH tail divided by this one is the cost of
 //! everything else. Owns its file (created in `--dir`, removed at the end); shares no code
 //! with the server on purpose.
@@ -85,7 +86,8 @@ pub fn run(args: &DiskFloorArgs) -> Result<DiskFloorReport> {
     let committer = {
         let queue = Arc::clone(&queue);
         let size = args.size;
-        std::thread::spawn(move || commit(&file, &queue, size))
+        let lanes = args.lanes.max(1);
+        std::thread::spawn(move || commit(&file, &queue, size, lanes))
     };
     arrive(&queue, args.rate, duration);
     let result = committer.join();
@@ -122,7 +124,7 @@ fn arrive(queue: &Queue, rate: f64, duration: Duration) {
         std::thread::sleep(Duration::from_secs_f64(1.0 / rate).min(Duration::from_micros(100)));
     }
     queue.arrived.lock().expect("queue lock").1 = true;
-    queue.ready.notify_one();
+    queue.ready.notify_all();
 }
 
 type Histograms = (
@@ -131,37 +133,142 @@ type Histograms = (
     u64,
 );
 
-/// One commit per wake-up: everything that arrived, one `pwrite`, one `fdatasync`.
-fn commit(file: &File, queue: &Queue, size: usize) -> Result<Histograms> {
-    let mut latency = latency_histogram();
-    let mut sync = latency_histogram();
-    let mut syncs = 0u64;
-    let mut batch = Vec::new();
-    let mut buf = Vec::new();
-    let mut offset = 0u64;
-    loop {
-        let done = {
-            let mut arrived = queue.arrived.lock().expect("queue lock");
-            while arrived.0.is_empty() && !arrived.1 {
-                arrived = queue.ready.wait(arrived).expect("queue lock");
-            }
-            std::mem::swap(&mut batch, &mut arrived.0);
-            arrived.0.is_empty() && arrived.1 && batch.is_empty()
-        };
-        if done {
-            return Ok((latency, sync, syncs));
+/// What the lanes share: the file's end and the batches written but not yet known synced,
+/// oldest first, each with its number and its readings' arrival times.
+struct Written {
+    offset: u64,
+    next: u64,
+    buf: Vec<u8>,
+    batch: Vec<Instant>,
+}
+
+#[derive(Default)]
+struct Synced {
+    pending: std::collections::VecDeque<(u64, Vec<Instant>)>,
+    latency: Option<hdrhistogram::Histogram<u64>>,
+    sync: Option<hdrhistogram::Histogram<u64>>,
+    syncs: u64,
+}
+
+/// `lanes` threads commit; each takes whatever has arrived and writes it after the previous
+/// batch (one at a time, so the file is written in order), then syncs outside the lock,
+/// so up to `lanes` syncs are in flight. A sync that returns makes every batch written
+/// before it started durable (`fdatasync` covers everything written before the call).
+fn commit(file: &File, queue: &Queue, size: usize, lanes: usize) -> Result<Histograms> {
+    let written = Mutex::new(Written {
+        offset: 0,
+        next: 0,
+        buf: Vec::new(),
+        batch: Vec::new(),
+    });
+    let synced = Mutex::new(Synced {
+        latency: Some(latency_histogram()),
+        sync: Some(latency_histogram()),
+        ..Synced::default()
+    });
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..lanes)
+            .map(|_| s.spawn(|| lane(file, queue, size, &written, &synced)))
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a commit lane panicked"))??;
         }
-        buf.clear();
-        buf.resize(batch.len() * size, b'r');
-        file.write_all_at(&buf, offset).context("pwrite")?;
-        offset += buf.len() as u64;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let mut synced = synced.into_inner().expect("synced lock");
+    Ok((
+        synced.latency.take().expect("latency"),
+        synced.sync.take().expect("sync"),
+        synced.syncs,
+    ))
+}
+
+fn lane(
+    file: &File,
+    queue: &Queue,
+    size: usize,
+    written: &Mutex<Written>,
+    synced: &Mutex<Synced>,
+) -> Result<()> {
+    loop {
+        let id = {
+            let mut w = written.lock().expect("written lock");
+            let w = &mut *w;
+            let done = {
+                let mut arrived = queue.arrived.lock().expect("queue lock");
+                while arrived.0.is_empty() && !arrived.1 {
+                    arrived = queue.ready.wait(arrived).expect("queue lock");
+                }
+                std::mem::swap(&mut w.batch, &mut arrived.0);
+                arrived.0.is_empty() && arrived.1 && w.batch.is_empty()
+            };
+            if done {
+                // Wake the next lane, which finds the same.
+                queue.ready.notify_one();
+                return Ok(());
+            }
+            w.buf.clear();
+            w.buf.resize(w.batch.len() * size, b'r');
+            file.write_all_at(&w.buf, w.offset).context("pwrite")?;
+            w.offset += w.buf.len() as u64;
+            let id = w.next;
+            w.next += 1;
+            let batch = std::mem::take(&mut w.batch);
+            synced
+                .lock()
+                .expect("synced lock")
+                .pending
+                .push_back((id, batch));
+            id
+        };
         let before = Instant::now();
         file.sync_data().context("fdatasync")?;
         let now = Instant::now();
-        syncs += 1;
+        let mut guard = synced.lock().expect("synced lock");
+        let s = &mut *guard;
+        s.syncs += 1;
+        let (latency, sync) = (
+            s.latency.as_mut().expect("latency"),
+            s.sync.as_mut().expect("sync"),
+        );
         sync.saturating_record((now - before).as_micros().max(1) as u64);
-        for t in batch.drain(..) {
-            latency.saturating_record((now - t).as_micros().max(1) as u64);
+        while s.pending.front().is_some_and(|(b, _)| *b <= id) {
+            let (_, batch) = s.pending.pop_front().expect("a pending batch");
+            for t in batch {
+                latency.saturating_record((now - t).as_micros().max(1) as u64);
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reading is synced and counted once, whatever the number of lanes.
+    #[test]
+    fn every_reading_is_counted_once_in_any_lane_count() {
+        let dir = std::env::temp_dir().join(format!("sg-floor-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for lanes in [1, 3] {
+            let report = run(&DiskFloorArgs {
+                dir: dir.clone(),
+                rate: 4_000.0,
+                duration: 0.5,
+                size: 100,
+                append: false,
+                lanes,
+            })
+            .unwrap();
+            assert_eq!(report.readings, 2_000, "lanes {lanes}");
+            assert!(report.syncs > 0 && report.syncs <= 2_000, "lanes {lanes}");
+        }
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "the file is removed"
+        );
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

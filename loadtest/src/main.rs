@@ -26,8 +26,9 @@
 //! - `connections`: opens `--count` idle identified producers at
 //!   `--concurrency`; reports setup rate and server RSS growth per
 //!   connection (from `/metrics`) after `--hold`.
-//! - `disk-floor`: no server; readings arrive at `--rate`, one thread commits them with a
-//!   `pwrite` and an `fdatasync` each time: the disk's floor for strict mode's latency.
+//! - `disk-floor`: no server; readings arrive at `--rate`, one thread (or `--lanes`) commits
+//!   them with a `pwrite` and an `fdatasync` each time: the disk's floor for strict mode's
+//!   latency.
 //!
 //! Output is a table on stdout (or one JSON object with `--json`) and a
 //! progress display on stderr when it is a terminal. Exit status: 0 when
