@@ -5,11 +5,11 @@
 //! with one `pwrite` after the previous ones in one file (preallocated with `fallocate`, as
 //! the server's segments are, unless `--append`) and waits for one `fdatasync` — and
 //! records each reading's arrival→synced time. `--lanes N` runs N such threads, so N syncs
-//! can be in flight (the design a strict server would need to stop waiting behind a slow
-//! sync; BENCHMARKS.md has why the server does not). No network, no parsing, no index: the latency that is left is the
-//! disk's. A strict server's SUBMIT→DISPATCH tail divided by this one is the cost of
-//! everything else. Owns its file (created in `--dir`, removed at the end); shares no code
-//! with the server on purpose.
+//! can be in flight (what a strict server would need to stop waiting behind a slow sync;
+//! BENCHMARKS.md says why the server does not). No network, no parsing, no index: the
+//! latency that is left is the disk's. A strict server's SUBMIT→DISPATCH tail divided by
+//! this one is the cost of everything else. Owns its file (created in `--dir`, removed at
+//! the end); shares no code with the server on purpose.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -133,8 +133,8 @@ type Histograms = (
     u64,
 );
 
-/// What the lanes share: the file's end and the batches written but not yet known synced,
-/// oldest first, each with its number and its readings' arrival times.
+/// The writing side the lanes take turns at: the file's end, the next batch's number and
+/// the buffers reused for each write.
 struct Written {
     offset: u64,
     next: u64,
@@ -142,11 +142,12 @@ struct Written {
     batch: Vec<Instant>,
 }
 
-#[derive(Default)]
+/// The syncing side: batches written but not yet known synced (oldest first, each with its
+/// number and its readings' arrival times) and what was measured.
 struct Synced {
     pending: std::collections::VecDeque<(u64, Vec<Instant>)>,
-    latency: Option<hdrhistogram::Histogram<u64>>,
-    sync: Option<hdrhistogram::Histogram<u64>>,
+    latency: hdrhistogram::Histogram<u64>,
+    sync: hdrhistogram::Histogram<u64>,
     syncs: u64,
 }
 
@@ -162,9 +163,10 @@ fn commit(file: &File, queue: &Queue, size: usize, lanes: usize) -> Result<Histo
         batch: Vec::new(),
     });
     let synced = Mutex::new(Synced {
-        latency: Some(latency_histogram()),
-        sync: Some(latency_histogram()),
-        ..Synced::default()
+        pending: Default::default(),
+        latency: latency_histogram(),
+        sync: latency_histogram(),
+        syncs: 0,
     });
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..lanes)
@@ -176,12 +178,8 @@ fn commit(file: &File, queue: &Queue, size: usize, lanes: usize) -> Result<Histo
         }
         Ok::<_, anyhow::Error>(())
     })?;
-    let mut synced = synced.into_inner().expect("synced lock");
-    Ok((
-        synced.latency.take().expect("latency"),
-        synced.sync.take().expect("sync"),
-        synced.syncs,
-    ))
+    let synced = synced.into_inner().expect("synced lock");
+    Ok((synced.latency, synced.sync, synced.syncs))
 }
 
 fn lane(
@@ -228,15 +226,14 @@ fn lane(
         let mut guard = synced.lock().expect("synced lock");
         let s = &mut *guard;
         s.syncs += 1;
-        let (latency, sync) = (
-            s.latency.as_mut().expect("latency"),
-            s.sync.as_mut().expect("sync"),
-        );
-        sync.saturating_record((now - before).as_micros().max(1) as u64);
+        s.sync
+            .saturating_record((now - before).as_micros().max(1) as u64);
+        // Batches before this one whose own syncs are still running are durable too.
         while s.pending.front().is_some_and(|(b, _)| *b <= id) {
             let (_, batch) = s.pending.pop_front().expect("a pending batch");
             for t in batch {
-                latency.saturating_record((now - t).as_micros().max(1) as u64);
+                s.latency
+                    .saturating_record((now - t).as_micros().max(1) as u64);
             }
         }
     }
