@@ -63,12 +63,12 @@ impl Nats {
         );
     }
 
-    /// SIGKILL, as a crash.
     /// Freezes it (SIGSTOP): its connections stay open and what arrives stays unread.
     pub fn stop(&self) {
         super::signal(self.child.as_ref().expect("running").id(), "STOP");
     }
 
+    /// SIGKILL, as a crash.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
