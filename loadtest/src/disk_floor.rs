@@ -6,10 +6,12 @@
 //! the server's segments are, unless `--append`) and waits for one `fdatasync` — and
 //! records each reading's arrival→synced time. `--lanes N` runs N such threads, so N syncs
 //! can be in flight (what a strict server would need to stop waiting behind a slow sync;
-//! BENCHMARKS.md says why the server does not). No network, no parsing, no index: the
-//! latency that is left is the disk's. A strict server's SUBMIT→DISPATCH tail divided by
-//! this one is the cost of everything else. Owns its file (created in `--dir`, removed at
-//! the end); shares no code with the server on purpose.
+//! BENCHMARKS.md says why the server does not); `--spin` has them poll for arrivals
+//! instead of sleeping until woken, which separates waking a thread from waiting for the
+//! disk. No network, no parsing, no index: the latency that is left is the disk's. A strict
+//! server's SUBMIT→DISPATCH tail divided by this one is the cost of everything else. Owns
+//! its file (created in `--dir`, removed at the end); shares no code with the server on
+//! purpose.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -87,7 +89,8 @@ pub fn run(args: &DiskFloorArgs) -> Result<DiskFloorReport> {
         let queue = Arc::clone(&queue);
         let size = args.size;
         let lanes = args.lanes.max(1);
-        std::thread::spawn(move || commit(&file, &queue, size, lanes))
+        let spin = args.spin;
+        std::thread::spawn(move || commit(&file, &queue, size, lanes, spin))
     };
     arrive(&queue, args.rate, duration);
     let result = committer.join();
@@ -155,7 +158,7 @@ struct Synced {
 /// batch (one at a time, so the file is written in order), then syncs outside the lock,
 /// so up to `lanes` syncs are in flight. A sync that returns makes every batch written
 /// before it started durable (`fdatasync` covers everything written before the call).
-fn commit(file: &File, queue: &Queue, size: usize, lanes: usize) -> Result<Histograms> {
+fn commit(file: &File, queue: &Queue, size: usize, lanes: usize, spin: bool) -> Result<Histograms> {
     let written = Mutex::new(Written {
         offset: 0,
         next: 0,
@@ -170,7 +173,7 @@ fn commit(file: &File, queue: &Queue, size: usize, lanes: usize) -> Result<Histo
     });
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..lanes)
-            .map(|_| s.spawn(|| lane(file, queue, size, &written, &synced)))
+            .map(|_| s.spawn(|| lane(file, queue, size, spin, &written, &synced)))
             .collect();
         for h in handles {
             h.join()
@@ -186,6 +189,7 @@ fn lane(
     file: &File,
     queue: &Queue,
     size: usize,
+    spin: bool,
     written: &Mutex<Written>,
     synced: &Mutex<Synced>,
 ) -> Result<()> {
@@ -196,7 +200,13 @@ fn lane(
             let done = {
                 let mut arrived = queue.arrived.lock().expect("queue lock");
                 while arrived.0.is_empty() && !arrived.1 {
-                    arrived = queue.ready.wait(arrived).expect("queue lock");
+                    if spin {
+                        drop(arrived);
+                        std::hint::spin_loop();
+                        arrived = queue.arrived.lock().expect("queue lock");
+                    } else {
+                        arrived = queue.ready.wait(arrived).expect("queue lock");
+                    }
                 }
                 std::mem::swap(&mut w.batch, &mut arrived.0);
                 arrived.0.is_empty() && arrived.1 && w.batch.is_empty()
@@ -243,12 +253,13 @@ fn lane(
 mod tests {
     use super::*;
 
-    /// Every reading is synced and counted once, whatever the number of lanes.
+    /// Every reading is synced and counted once, whatever the number of lanes and however
+    /// the lanes wait for arrivals.
     #[test]
     fn every_reading_is_counted_once_in_any_lane_count() {
         let dir = std::env::temp_dir().join(format!("sg-floor-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        for lanes in [1, 3] {
+        for (lanes, spin) in [(1, false), (3, false), (1, true), (2, true)] {
             let report = run(&DiskFloorArgs {
                 dir: dir.clone(),
                 rate: 4_000.0,
@@ -256,10 +267,14 @@ mod tests {
                 size: 100,
                 append: false,
                 lanes,
+                spin,
             })
             .unwrap();
-            assert_eq!(report.readings, 2_000, "lanes {lanes}");
-            assert!(report.syncs > 0 && report.syncs <= 2_000, "lanes {lanes}");
+            assert_eq!(report.readings, 2_000, "lanes {lanes} spin {spin}");
+            assert!(
+                report.syncs > 0 && report.syncs <= 2_000,
+                "lanes {lanes} spin {spin}"
+            );
         }
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),
