@@ -196,6 +196,11 @@ pub struct Config {
     pub drain_delay_ms: u64,
     /// Fast mode: how often the background flush makes appends durable.
     pub fast_flush_interval_ms: u64,
+    /// Strict mode: the nice value (-20 … 19) the commit thread asks for, so that a finished
+    /// sync's answer is not queued behind connection work. Raising a priority needs
+    /// `CAP_SYS_NICE` (or a `RLIMIT_NICE` that allows it); without it the thread keeps the
+    /// process's priority and the server says so once. 0 leaves the thread alone.
+    pub commit_thread_nice: i32,
     /// Readings a stream owner takes from its queue per group commit.
     pub commit_batch_max: usize,
     /// SUBMITs waiting for their stream's owner before producers are pushed back.
@@ -426,6 +431,7 @@ impl Default for Config {
             shutdown_grace_ms: 10_000,
             drain_delay_ms: 0,
             fast_flush_interval_ms: 5,
+            commit_thread_nice: -10,
             commit_batch_max: 4096,
             publish_queue_max: 8192,
             replay_chunk: 1024,
@@ -692,6 +698,12 @@ impl Config {
                 self.stomp_app_prefixes.iter().collect::<Vec<_>>(),
             ),
         ];
+        if !(-20..=19).contains(&self.commit_thread_nice) {
+            return Err(invalid(
+                "commit_thread_nice",
+                "must be a nice value from -20 to 19",
+            ));
+        }
         if self.max_unauthenticated_connections > self.max_connections {
             return Err(invalid(
                 "max_unauthenticated_connections",
@@ -1069,6 +1081,25 @@ mod tests {
                 "{var}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_nice_value_outside_minus_20_to_19_is_refused_by_name() {
+        for bad in ["-21", "20"] {
+            let err = load(
+                &format!("commit_thread_nice = {bad}"),
+                &[],
+                Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("commit_thread_nice"),
+                "{bad}: {err}"
+            );
+        }
+        let c = load("commit_thread_nice = 5", &[], Overrides::default()).unwrap();
+        assert_eq!(c.commit_thread_nice, 5);
+        assert_eq!(Config::default().commit_thread_nice, -10);
     }
 
     #[test]

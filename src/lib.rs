@@ -115,6 +115,19 @@ impl Server {
                     config.durability,
                     Duration::from_millis(config.fast_flush_interval_ms),
                 )?;
+                // Only strict mode waits for the commit thread between a SUBMIT and its
+                // DISPATCH; in fast mode it runs behind, at the process's priority.
+                let nice = config.commit_thread_nice;
+                if config.durability == config::Durability::Strict && nice != 0 {
+                    match store.set_commit_nice(nice) {
+                        Ok(()) => tracing::info!(nice, "commit thread priority raised"),
+                        Err(e) => tracing::warn!(
+                            nice,
+                            error = %e,
+                            "the commit thread keeps the process's priority (it needs CAP_SYS_NICE; commit_thread_nice = 0 silences this)"
+                        ),
+                    }
+                }
                 hub::Hub::new(Arc::new(store), hub::HubConfig::from(&config))
             }
             Some(cluster) => {

@@ -184,6 +184,71 @@ fn sensorgate(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The nice value of process `pid`'s thread named `name` (`/proc` cuts names at 15 bytes).
+fn thread_nice(pid: u32, name: &str) -> i64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+            // After the parenthesised name: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            return rest.split(' ').nth(16).unwrap().parse().unwrap();
+        }
+    }
+    panic!("process {pid} has no thread {name}");
+}
+
+/// Whether this process may give a thread the nice value `nice` < 0: with CAP_SYS_NICE
+/// (root), or a RLIMIT_NICE of at least 20 - `nice`. Without either the server leaves the
+/// commit thread alone, and so must the expectation.
+fn may_take_nice(nice: i64) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_SYS_NICE: u32 = 23;
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+    let rlimit_nice = limits
+        .lines()
+        .find_map(|l| l.strip_prefix("Max nice priority"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<i64>().ok())
+        .unwrap_or(0);
+    cap_eff & (1 << CAP_SYS_NICE) != 0 || rlimit_nice >= 20 - nice
+}
+
+/// Strict mode gives its commit thread the configured nice value (when the process may);
+/// fast mode, where the thread is not between a SUBMIT and its DISPATCH, leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_raises_the_commit_threads_priority_and_fast_mode_does_not() {
+    for durability in ["strict", "fast"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = write_config(
+            dir.path(),
+            port,
+            &format!("durability = \"{durability}\"\ncommit_thread_nice = -7"),
+        );
+        let server = Process::start(&cfg, port).await;
+        let pid = server.child.id();
+        // Whatever nice value the tests run at, the process starts with it.
+        let process = thread_nice(pid, "sensorgate");
+        let want = if durability == "strict" && may_take_nice(-7) {
+            -7
+        } else {
+            process
+        };
+        assert_eq!(
+            thread_nice(pid, "sensorgate-comm"),
+            want,
+            "{durability}: the commit thread's nice value (the process's: {process})"
+        );
+        server.signal("TERM");
+    }
+}
+
 #[test]
 fn invalid_config_is_one_line_naming_the_key_and_exit_64() {
     let dir = tempfile::tempdir().unwrap();

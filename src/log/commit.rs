@@ -47,6 +47,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 pub(super) struct Committer {
     tx: parking_lot::Mutex<Option<mpsc::Sender<Waiter>>>,
     thread: parking_lot::Mutex<Option<JoinHandle<()>>>,
+    /// The commit thread's kernel id, for [`Committer::set_nice`].
+    tid: rustix::thread::Pid,
     /// Cleared by a failed commit, set by a good one (or a good probe).
     pub(super) writable: Arc<AtomicBool>,
 }
@@ -80,15 +82,28 @@ impl Committer {
             written_at: None,
             reindex: false,
         };
+        let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("sensorgate-commit".into())
-            .spawn(move || run(flush, rx, interval))
+            .spawn(move || {
+                let _ = tid_tx.send(rustix::thread::gettid());
+                run(flush, rx, interval)
+            })
             .expect("the commit thread starts");
+        let tid = tid_rx.recv().expect("the commit thread says who it is");
         Self {
             tx: parking_lot::Mutex::new(Some(tx)),
             thread: parking_lot::Mutex::new(Some(thread)),
+            tid,
             writable,
         }
+    }
+
+    /// Gives the commit thread (only it) the nice value `nice`. In strict mode a SUBMIT's
+    /// DISPATCH waits for this thread to be scheduled once its sync returns; on two busy
+    /// cores that wait is a visible part of the tail (BENCHMARKS.md, issue 10).
+    pub(super) fn set_nice(&self, nice: i32) -> std::io::Result<()> {
+        rustix::process::setpriority_process(Some(self.tid), nice).map_err(std::io::Error::from)
     }
 
     pub(super) fn request(&self) -> oneshot::Receiver<Result<(), LogError>> {

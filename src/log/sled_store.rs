@@ -297,6 +297,12 @@ impl SledStore {
         Self::open_with(dir, durability, fast_flush, segment::SEGMENT_BYTES)
     }
 
+    /// Gives the commit thread the nice value `nice` (config `commit_thread_nice`); an
+    /// error says the process may not (no `CAP_SYS_NICE`) and leaves it as it was.
+    pub fn set_commit_nice(&self, nice: i32) -> std::io::Result<()> {
+        self.committer.set_nice(nice)
+    }
+
     fn open_with(
         dir: &Path,
         durability: Durability,
