@@ -120,7 +120,7 @@ impl Server {
                 let nice = config.commit_thread_nice;
                 if config.durability == config::Durability::Strict && nice != 0 {
                     match store.set_commit_nice(nice) {
-                        Ok(()) => tracing::info!(nice, "commit thread priority raised"),
+                        Ok(()) => tracing::info!(nice, "commit thread priority set"),
                         Err(e) => tracing::warn!(
                             nice,
                             error = %e,
