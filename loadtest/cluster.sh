@@ -10,7 +10,9 @@
 #   cluster   sensorgate through haproxy, wsbench --broker sg (the same client)
 #   embedded  one embedded sensorgate node, wsbench --broker sg
 # each as fast as possible and at 10,000 readings/s (4 producers x 2,500/s), plus
-# sensorgate-load relay through haproxy and against the embedded node.
+# sensorgate-load relay through haproxy and against the embedded node. At the end it prints,
+# per round and as medians, the cluster's throughput and its p99 at 10,000/s as ratios to
+# JetStream's in the same round (issue 12's targets: >= 0.8 and <= 1.5).
 # Everything is bounded (message counts, --timeout-s) and talks to 127.0.0.1 only.
 #
 # Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
@@ -124,7 +126,9 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   esac
   local n0 s0 e0 h0
   n0=$(ticks $NATS_PIDS) s0=$(ticks $NODE_PIDS) e0=$(ticks $EMB_PID) h0=$(ticks $HAPROXY_PID)
-  "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" || echo "$name failed (exit $?)"
+  "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" >"$WORK/last.txt" || echo "$name failed (exit $?)"
+  cat "$WORK/last.txt"
+  sed "s/^/round=$r /" "$WORK/last.txt" >>"$WORK/runs.txt"
   local hz
   hz=$(getconf CLK_TCK)
   echo "  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
@@ -140,6 +144,30 @@ for r in $(seq 1 "$ROUNDS"); do
   run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
   run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
 done
+# The issue's two ratios per round (cluster against JetStream, same run, same client) and
+# their medians: throughput as fast as possible (target >= 0.8) and p99 at 10,000/s
+# (target <= 1.5), against one stream (js) and a stream per producer (jsdev).
+touch "$WORK/runs.txt"
+python3 - "$WORK/runs.txt" <<'EOF'
+import re, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"round=(\d+) .*delivered_per_s=(\d+).* p99_us=(\d+).* tag=(\S+) (\S+)", line)
+    if m and "status=ok" in line:
+        r, per_s, p99, who, load = m.groups()
+        runs[(int(r), who, load)] = (int(per_s), int(p99))
+def ratios(load, idx, base):
+    return [runs[(r, "cluster", load)][idx] / runs[(r, base, load)][idx]
+            for r in sorted({k[0] for k in runs})
+            if (r, "cluster", load) in runs and (r, base, load) in runs]
+for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible", ">= 0.8", lambda x: x >= 0.8),
+                                    ("10k/s", 1, "p99 at 10,000/s", "<= 1.5", lambda x: x <= 1.5)):
+    for base in ("js", "jsdev"):
+        v = ratios(load, idx, base)
+        if v:
+            print(f"{what}, cluster / {base}: median {statistics.median(v):.2f} over {len(v)} rounds "
+                  f"({' / '.join(f'{x:.2f}' for x in v)}); {target} in {sum(map(ok, v))} of {len(v)}")
+EOF
 [ -n "${ONLY:-}" ] && exit 0
 echo "# sensorgate-load relay, 4 producers -> 4 developers"
 for target in 18080 18090; do
