@@ -688,6 +688,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if !(-20..=19).contains(&self.commit_thread_nice) {
+            return Err(invalid(
+                "commit_thread_nice",
+                "must be a nice value from -20 to 19",
+            ));
+        }
         let prefixes = [
             (
                 "stomp_broker_prefixes",
@@ -698,12 +704,6 @@ impl Config {
                 self.stomp_app_prefixes.iter().collect::<Vec<_>>(),
             ),
         ];
-        if !(-20..=19).contains(&self.commit_thread_nice) {
-            return Err(invalid(
-                "commit_thread_nice",
-                "must be a nice value from -20 to 19",
-            ));
-        }
         if self.max_unauthenticated_connections > self.max_connections {
             return Err(invalid(
                 "max_unauthenticated_connections",
