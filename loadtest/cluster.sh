@@ -116,7 +116,8 @@ ticks() { # PIDS...: their CPU time so far, in clock ticks
   done
   echo "$t"
 }
-run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each group used
+run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each group used; the
+  # line is also kept in runs.txt under the calling loop's round, $r, for the summary
   local name=$1
   shift
   [[ "$name" =~ ${ONLY:-.} ]] || return 0
