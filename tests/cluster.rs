@@ -7,6 +7,7 @@ mod common;
 
 use common::cluster::*;
 use common::*;
+use std::time::{Duration, Instant};
 
 /// A node on each nats-server of the cluster.
 async fn nodes(nats: &NatsCluster, tweak: impl Fn(&mut Config)) -> Vec<TestServer> {
@@ -131,6 +132,44 @@ async fn a_token_used_on_one_node_is_refused_on_another() {
             r#"sensorgate_kv_operations_total{op="redeem",result="refused"}"#
         ) >= 1.0,
         "{scrape}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stops_tailing_a_stream_soon_after_its_last_consumer_leaves() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, |_| {}).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let stream = format!("SG_{DEV}");
+
+    let mut consumer = a.consumer().await;
+    let mut producer = b.producer("walker").await;
+    producer.submit("STEPS", r#"{"n":1}"#).await;
+    assert_eq!(dispatch(&consumer.recv().await).0, 1);
+    assert_eq!(
+        bound_consumers(&nats, &stream).await,
+        1,
+        "node a tails the stream"
+    );
+
+    // Behind a load balancer the consumer comes back on another node: the one it left must
+    // not go on taking every reading from JetStream to drop it.
+    drop(consumer);
+    let left = Instant::now();
+    while bound_consumers(&nats, &stream).await > 0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "node a still tails the stream 10 s after its consumer left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut consumer = b.consumer().await;
+    producer.submit("STEPS", r#"{"n":2}"#).await;
+    assert_eq!(dispatch(&consumer.recv().await).0, 2);
+    assert_eq!(
+        bound_consumers(&nats, &stream).await,
+        1,
+        "node b tails it now"
     );
 }
 

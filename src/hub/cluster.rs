@@ -80,8 +80,12 @@ impl Cluster {
     }
 }
 
-/// How long a tail with no subscriber is kept, so a consumer that reconnects finds it.
-const TAIL_LINGER: Duration = Duration::from_secs(30);
+/// How long a tail with no subscriber is kept, so a consumer that reconnects at once (a
+/// duplicate connection taking over, a client's quick retry) finds it. Short, because an
+/// idle tail still takes every reading of the stream from JetStream only to drop it: behind a
+/// load balancer the consumer usually comes back on another node, and each node it left
+/// would cost the engine and itself a second delivery of everything for as long as this.
+const TAIL_LINGER: Duration = Duration::from_secs(2);
 /// How often a stream with subscribers checks that its tail still delivers, while readings
 /// flow (or JetStream is ahead of the mark)...
 const WATCHDOG_EVERY: Duration = Duration::from_millis(750);

@@ -200,6 +200,35 @@ async fn healthy(http_port: u16) -> bool {
     conn.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200")
 }
 
+/// The consumers of JetStream stream `stream` that a client is bound to (delivering), over
+/// every server's `/jsz`: what an operator sees of the nodes tailing it.
+pub async fn bound_consumers(nats: &NatsCluster, stream: &str) -> usize {
+    let mut bound = 0;
+    for s in &nats.servers {
+        let addr: SocketAddr = format!("127.0.0.1:{}", s.http_port).parse().unwrap();
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // HTTP/1.0: the body ends with the connection, never chunked.
+        conn.write_all(b"GET /jsz?accounts=true&streams=true&consumers=true HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).await.unwrap();
+        let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let jsz: serde_json::Value = serde_json::from_slice(&buf[at..]).unwrap();
+        let streams = jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+        bound += streams
+            .filter(|st| st["name"] == stream)
+            .flat_map(|st| st["consumer_detail"].as_array().into_iter().flatten())
+            .filter(|c| c["push_bound"] == true)
+            .count();
+    }
+    bound
+}
+
 /// A node's configuration: the test developers, the shared secret, `[cluster]` on `urls`.
 pub fn node_config(config: &mut Config, urls: Vec<String>, replicas: usize) {
     config.token_secret = Some(SECRET.into());
