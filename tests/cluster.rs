@@ -140,7 +140,7 @@ async fn a_node_stops_tailing_a_stream_soon_after_its_last_consumer_leaves() {
     let nats = NatsCluster::start(3).await;
     let nodes = nodes(&nats, |_| {}).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let stream = format!("SG_{DEV}");
+    let stream = sensorgate::log::jetstream::stream_name(DEV);
 
     let mut consumer = a.consumer().await;
     let mut producer = b.producer("walker").await;

@@ -185,19 +185,30 @@ impl NatsCluster {
     }
 }
 
+/// GET `path` from a nats-server's monitoring port: its status and body, or None if it does
+/// not answer. HTTP/1.0, so the body ends with the connection and is never chunked.
+async fn monitor_get(http_port: u16, path: &str) -> Option<(u16, Vec<u8>)> {
+    let addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let connect = TcpStream::connect(addr);
+    let mut conn = tokio::time::timeout(Duration::from_millis(500), connect)
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, conn.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let status = std::str::from_utf8(buf.get(9..12)?).ok()?.parse().ok()?;
+    let body = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some((status, buf.split_off(body)))
+}
+
 /// Whether the nats-server monitoring on `http_port` answers `/healthz` with 200.
 async fn healthy(http_port: u16) -> bool {
-    let addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-    let Ok(Ok(mut conn)) =
-        tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await
-    else {
-        return false;
-    };
-    let _ = conn
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await;
-    let mut buf = Vec::new();
-    conn.read_to_end(&mut buf).await.is_ok() && buf.starts_with(b"HTTP/1.1 200")
+    matches!(monitor_get(http_port, "/healthz").await, Some((200, _)))
 }
 
 /// The consumers of JetStream stream `stream` that a client is bound to (delivering), over
@@ -205,16 +216,10 @@ async fn healthy(http_port: u16) -> bool {
 pub async fn bound_consumers(nats: &NatsCluster, stream: &str) -> usize {
     let mut bound = 0;
     for s in &nats.servers {
-        let addr: SocketAddr = format!("127.0.0.1:{}", s.http_port).parse().unwrap();
-        let mut conn = TcpStream::connect(addr).await.unwrap();
-        // HTTP/1.0: the body ends with the connection, never chunked.
-        conn.write_all(b"GET /jsz?accounts=true&streams=true&consumers=true HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        conn.read_to_end(&mut buf).await.unwrap();
-        let at = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-        let jsz: serde_json::Value = serde_json::from_slice(&buf[at..]).unwrap();
+        let path = "/jsz?accounts=true&streams=true&consumers=true";
+        let (status, body) = monitor_get(s.http_port, path).await.expect("/jsz answers");
+        assert_eq!(status, 200);
+        let jsz: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let streams = jsz["account_details"]
             .as_array()
             .into_iter()
