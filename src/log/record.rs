@@ -25,11 +25,43 @@ pub fn encode_batch(ts_ms: u64, frames: &[Bytes]) -> Vec<u8> {
 
 /// Appends a batch record to `out`.
 pub fn encode_batch_into(out: &mut Vec<u8>, ts_ms: u64, frames: &[Bytes]) {
-    out.put_u64_le(ts_ms);
-    out.put_u32_le(frames.len() as u32);
+    let mut batch = BatchWriter::begin(out);
     for frame in frames {
+        batch.push(out, frame);
+    }
+    batch.finish(out, ts_ms);
+}
+
+/// A batch record being appended to a buffer frame by frame, its header written last: the
+/// commit thread copies each frame straight from its stream's tail, with no list of frames
+/// (and no reference count taken per frame) in between.
+pub struct BatchWriter {
+    at: usize,
+    count: u32,
+}
+
+impl BatchWriter {
+    /// Leaves room for the header at the end of `out`.
+    pub fn begin(out: &mut Vec<u8>) -> Self {
+        let at = out.len();
+        out.put_bytes(0, HEADER);
+        Self { at, count: 0 }
+    }
+
+    pub fn push(&mut self, out: &mut Vec<u8>, frame: &[u8]) {
         out.put_u32_le(frame.len() as u32);
         out.put_slice(frame);
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Writes the header; the record ends at the end of `out`.
+    pub fn finish(self, out: &mut [u8], ts_ms: u64) {
+        out[self.at..self.at + 8].copy_from_slice(&ts_ms.to_le_bytes());
+        out[self.at + 8..self.at + HEADER].copy_from_slice(&self.count.to_le_bytes());
     }
 }
 

@@ -33,7 +33,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::record::{decode_batch, encode_batch_into, BatchHeader};
+use super::record::{decode_batch, BatchHeader, BatchWriter};
 use super::LogError;
 
 /// A file is closed to new records once it holds this much.
@@ -66,6 +66,7 @@ pub(super) enum Item<'a> {
 }
 
 /// Appends a readings record to `buf`; returns its frame's offset in `buf` and length.
+#[cfg(test)]
 pub(super) fn encode_readings(
     buf: &mut Vec<u8>,
     stream: &str,
@@ -73,9 +74,40 @@ pub(super) fn encode_readings(
     ts_ms: u64,
     frames: &[Bytes],
 ) -> (usize, u32) {
-    let start = begin(buf, KIND_READINGS, stream, first_seq);
-    encode_batch_into(buf, ts_ms, frames);
-    (start, finish(buf, start))
+    let mut record = ReadingsWriter::begin(buf, stream, first_seq);
+    for frame in frames {
+        record.push(buf, frame);
+    }
+    record.finish(buf, ts_ms)
+}
+
+/// A readings record being appended to a buffer frame by frame (see [`BatchWriter`]).
+pub(super) struct ReadingsWriter {
+    start: usize,
+    batch: BatchWriter,
+}
+
+impl ReadingsWriter {
+    pub(super) fn begin(buf: &mut Vec<u8>, stream: &str, first_seq: u64) -> Self {
+        let start = begin(buf, KIND_READINGS, stream, first_seq);
+        let batch = BatchWriter::begin(buf);
+        Self { start, batch }
+    }
+
+    pub(super) fn push(&mut self, buf: &mut Vec<u8>, frame: &[u8]) {
+        self.batch.push(buf, frame);
+    }
+
+    pub(super) fn count(&self) -> u32 {
+        self.batch.count()
+    }
+
+    /// Closes the record, stamped `ts_ms`; returns its frame's offset in `buf` and length,
+    /// as [`encode_readings`] does.
+    pub(super) fn finish(self, buf: &mut [u8], ts_ms: u64) -> (usize, u32) {
+        self.batch.finish(buf, ts_ms);
+        (self.start, finish(buf, self.start))
+    }
 }
 
 /// Appends a reservation record to `buf`.

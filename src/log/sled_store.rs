@@ -212,14 +212,12 @@ pub(super) struct Tail {
 #[derive(Default)]
 pub(super) struct Scratch {
     runs: Vec<Run>,
-    record: Vec<Bytes>,
 }
 
 impl Scratch {
     /// Lets go of the frames, keeping the capacity.
     pub(super) fn clear(&mut self) {
         self.runs.clear();
-        self.record.clear();
     }
 }
 
@@ -236,18 +234,19 @@ impl Tail {
         scratch: &mut Scratch,
         mut staged: impl FnMut(u64, u32, u64, usize, u32),
     ) -> Option<u64> {
-        let Scratch { runs, record } = scratch;
+        let runs = &mut scratch.runs;
         runs.clear();
-        record.clear();
         runs.extend(self.runs.lock().iter().cloned());
         let through = runs.last().map(Run::last);
         let written = self.written.load(Ordering::Acquire);
-        let (mut start, mut ts, mut bytes) = (0u64, 0u64, 0usize);
-        let mut flush = |record: &mut Vec<Bytes>, start: u64, ts: u64, buf: &mut Vec<u8>| {
-            if !record.is_empty() {
-                let (at, len) = segment::encode_readings(buf, &self.name, start, ts, record);
-                staged(start, record.len() as u32, ts, at, len);
-                record.clear();
+        // The record being written: its writer, first seq, stamp and size so far.
+        let mut open: Option<(segment::ReadingsWriter, u64, u64, usize)> = None;
+        let mut close = |open: Option<(segment::ReadingsWriter, u64, u64, usize)>,
+                         buf: &mut Vec<u8>| {
+            if let Some((record, start, ts, _)) = open {
+                let count = record.count();
+                let (at, len) = record.finish(buf, ts);
+                staged(start, count, ts, at, len);
             }
         };
         for run in runs.iter() {
@@ -257,20 +256,25 @@ impl Tail {
                     continue;
                 }
                 let size = 4 + frame.len();
-                let joins = !record.is_empty()
-                    && start + record.len() as u64 == seq
-                    && bytes + size <= RECORD_MAX_BYTES;
+                let joins = open.as_ref().is_some_and(|(record, start, _, bytes)| {
+                    start + u64::from(record.count()) == seq && bytes + size <= RECORD_MAX_BYTES
+                });
                 if !joins {
-                    flush(record, start, ts, buf);
-                    start = seq;
-                    bytes = 0;
+                    close(open.take(), buf);
+                    open = Some((
+                        segment::ReadingsWriter::begin(buf, &self.name, seq),
+                        seq,
+                        0,
+                        0,
+                    ));
                 }
-                record.push(frame.clone());
-                ts = run.ts_ms;
-                bytes += size;
+                let (record, _, ts, bytes) = open.as_mut().expect("a record is open");
+                record.push(buf, frame);
+                *ts = run.ts_ms;
+                *bytes += size;
             }
         }
-        flush(record, start, ts, buf);
+        close(open, buf);
         through
     }
 
