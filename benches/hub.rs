@@ -49,7 +49,7 @@ fn template() -> SeqTemplate {
     );
     let d = RawValue::from_string(d).expect("d is JSON");
     let template = dispatch_template(UID, "HEART_RATE", &d);
-    assert_eq!(template.clone().fill(1_000_000).len(), 179);
+    assert_eq!(template.fill(1_000_000).len(), 179);
     template
 }
 

@@ -26,7 +26,7 @@ mod types;
 pub use sessions::Sessions;
 pub use stream::{StreamHandle, Subscriber, TryPublishError};
 pub use topics::{Delivery as TopicDelivery, Held, Inbox, TopicMessage, Topics, JSON_UTF8};
-pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate, SEQ_DIGITS};
+pub use types::{Batch, Kick, KickReason, Outbox, Publish, SeqTemplate};
 
 use dashmap::DashMap;
 use std::sync::atomic::AtomicU64;

@@ -19,7 +19,7 @@
 //! ([`Subscriber::offer`]); its connection catches up from the log and rejoins. A slow
 //! consumer never slows the owner down.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -291,13 +291,25 @@ impl Owner {
                     }
                 }
             }
-            let mut frames: Vec<Bytes> = Vec::new();
+            // The batch's frames go into one buffer: a reading costs a copy, not an
+            // allocation of its own (nor a free on whichever thread lets go of it last).
+            let widest = self.next + cmds.len() as u64;
+            let room = cmds
+                .iter()
+                .map(|cmd| match cmd {
+                    Command::Publish(p) => p.frame.filled_len(widest),
+                    _ => 0,
+                })
+                .sum();
+            let mut arena = BytesMut::with_capacity(room);
+            let mut frames: Vec<Bytes> = Vec::with_capacity(cmds.len());
             let mut oldest: Option<Instant> = None;
             for cmd in cmds.drain(..) {
                 match cmd {
                     Command::Publish(p) => {
                         oldest.get_or_insert(p.received);
-                        frames.push(p.frame.fill(self.next + frames.len() as u64));
+                        let seq = self.next + frames.len() as u64;
+                        frames.push(p.frame.fill_into(seq, &mut arena));
                     }
                     Command::Subscribe { sub, head } => {
                         // From the mark: batches still in flight reach it when they land.

@@ -3,7 +3,7 @@
 //! Kept free of any wire protocol: a [`SeqTemplate`] is an already-encoded frame with a hole
 //! for the seq, a [`Batch`] is a run of encoded frames with consecutive seqs.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,8 +13,9 @@ use atomic_waker::AtomicWaker;
 use tokio::sync::futures::OwnedNotified;
 use tokio::sync::{mpsc, Notify};
 
-/// An encoded frame waiting for its seq: the bytes before and after the number, in one
-/// buffer with room for the digits, so the stream owner fills it without allocating.
+/// An encoded frame waiting for its seq: the bytes before and after the number, and where
+/// the number goes. The stream owner writes the finished frames of a whole group commit
+/// into one buffer ([`SeqTemplate::fill_into`]).
 #[derive(Debug, Clone)]
 pub struct SeqTemplate {
     buf: Vec<u8>,
@@ -22,36 +23,59 @@ pub struct SeqTemplate {
 }
 
 /// Most digits a u64 has in decimal.
-pub const SEQ_DIGITS: usize = 20;
+const SEQ_DIGITS: usize = 20;
 
-impl SeqTemplate {
-    /// `buf` holds the frame with nothing at `seq_at`; reserve [`SEQ_DIGITS`] extra capacity
-    /// to keep [`SeqTemplate::fill`] allocation-free.
-    pub fn new(buf: Vec<u8>, seq_at: usize) -> Self {
-        debug_assert!(seq_at <= buf.len());
-        Self { buf, seq_at }
-    }
+/// `seq` in decimal, without allocating.
+struct Digits {
+    buf: [u8; SEQ_DIGITS],
+    at: usize,
+}
 
-    /// Writes `seq` in decimal at the hole and returns the finished frame.
-    pub fn fill(mut self, seq: u64) -> Bytes {
-        let mut digits = [0u8; SEQ_DIGITS];
-        let mut n = seq;
-        let mut i = SEQ_DIGITS;
+impl Digits {
+    fn new(mut n: u64) -> Self {
+        let mut buf = [0u8; SEQ_DIGITS];
+        let mut at = SEQ_DIGITS;
         loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
             n /= 10;
             if n == 0 {
                 break;
             }
         }
-        let digits = &digits[i..];
-        let old_len = self.buf.len();
-        self.buf.resize(old_len + digits.len(), 0);
-        self.buf
-            .copy_within(self.seq_at..old_len, self.seq_at + digits.len());
-        self.buf[self.seq_at..self.seq_at + digits.len()].copy_from_slice(digits);
-        Bytes::from(self.buf)
+        Self { buf, at }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.at..]
+    }
+}
+
+impl SeqTemplate {
+    /// `buf` holds the frame with nothing at `seq_at`.
+    pub fn new(buf: Vec<u8>, seq_at: usize) -> Self {
+        debug_assert!(seq_at <= buf.len());
+        Self { buf, seq_at }
+    }
+
+    /// The finished frame's length with any seq up to `seq` in it: what to reserve for it.
+    pub fn filled_len(&self, seq: u64) -> usize {
+        self.buf.len() + Digits::new(seq).as_bytes().len()
+    }
+
+    /// Appends the frame with `seq` in its hole to `out` and cuts it off as its own `Bytes`,
+    /// which shares `out`'s buffer. Reserve room for a whole batch in `out` first and the
+    /// batch's frames are one allocation (freed with the last of them), not one each.
+    pub fn fill_into(&self, seq: u64, out: &mut BytesMut) -> Bytes {
+        out.extend_from_slice(&self.buf[..self.seq_at]);
+        out.extend_from_slice(Digits::new(seq).as_bytes());
+        out.extend_from_slice(&self.buf[self.seq_at..]);
+        out.split().freeze()
+    }
+
+    /// One frame alone, in a buffer of its own: what a group commit of one reading costs.
+    pub fn fill(&self, seq: u64) -> Bytes {
+        self.fill_into(seq, &mut BytesMut::with_capacity(self.filled_len(seq)))
     }
 
     pub fn len(&self) -> usize {
@@ -309,13 +333,16 @@ mod tests {
 
     #[test]
     fn fill_writes_the_seq_in_place() {
-        for seq in [0u64, 7, 73, 1_000_000, u64::MAX] {
-            let mut buf = Vec::with_capacity(64);
-            buf.extend_from_slice(b"{\"seq\":,\"t\":\"X\"}");
-            let t = SeqTemplate::new(buf, 7);
-            let out = t.fill(seq);
-            assert_eq!(out, format!("{{\"seq\":{seq},\"t\":\"X\"}}").as_bytes());
+        let t = SeqTemplate::new(b"{\"seq\":,\"t\":\"X\"}".to_vec(), 7);
+        let seqs = [0u64, 7, 73, 1_000_000, u64::MAX];
+        let room = seqs.iter().map(|&s| t.filled_len(s)).sum();
+        let mut out = BytesMut::with_capacity(room);
+        let frames: Vec<Bytes> = seqs.iter().map(|&s| t.fill_into(s, &mut out)).collect();
+        for (seq, frame) in seqs.iter().zip(&frames) {
+            assert_eq!(frame, format!("{{\"seq\":{seq},\"t\":\"X\"}}").as_bytes());
         }
+        // Reserved exactly: every frame came out of the one buffer.
+        assert_eq!(out.capacity(), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
-use crate::hub::{SeqTemplate, SEQ_DIGITS};
+use crate::hub::SeqTemplate;
 
 /// Opcodes, as numbered by the seed.
 pub mod op {
@@ -253,7 +253,7 @@ pub fn dispatch_template(uid: &str, t: &str, d: &RawValue) -> SeqTemplate {
     const HEAD: &[u8] = br#"{"op":5,"d":"#;
     let d = d.get().as_bytes();
     let len = HEAD.len() + d.len() + 9 + uid.len() + 8 + 7 + t.len() + 2;
-    let mut buf = Vec::with_capacity(len + SEQ_DIGITS);
+    let mut buf = Vec::with_capacity(len);
     buf.extend_from_slice(HEAD);
     buf.extend_from_slice(d);
     buf.extend_from_slice(br#","uid":""#);
@@ -292,8 +292,8 @@ mod tests {
         let d =
             RawValue::from_string(r#"{"ts":"2022-05-04T10:26:11.268507+01:00","val":95}"#.into())
                 .unwrap();
-        let frame =
-            dispatch_template("8e864e3a-979a-4d04-b4e9-b6d020f20ba0", "HEART_RATE", &d).fill(73);
+        let frame = dispatch_template("8e864e3a-979a-4d04-b4e9-b6d020f20ba0", "HEART_RATE", &d)
+            .fill_into(73, &mut bytes::BytesMut::new());
         assert_eq!(
             std::str::from_utf8(&frame).unwrap(),
             r#"{"op":5,"d":{"ts":"2022-05-04T10:26:11.268507+01:00","val":95},"uid":"8e864e3a-979a-4d04-b4e9-b6d020f20ba0","seq":73,"t":"HEART_RATE"}"#
