@@ -125,9 +125,9 @@ fn submit_parts<'t, D: AsRef<[u8]>>(
     Some(Submit { op, t, d })
 }
 
-/// `Inbound::decode`, the production path.
+/// `Inbound::decode`, the production path, with the frame parser's UTF-8 check before it.
 fn decode_serde_json(text: &[u8]) -> Option<Submit<'_, &[u8]>> {
-    match Inbound::decode(text).ok()? {
+    match Inbound::decode(std::str::from_utf8(text).ok()?).ok()? {
         Inbound::Submit { t, d } => Some(Submit {
             op: 6,
             t,
@@ -439,6 +439,7 @@ fn submit_decode(c: &mut Criterion) {
 
 fn dispatch_encode(c: &mut Criterion) {
     let (_, text) = &frames()[1];
+    let text = std::str::from_utf8(text).expect("the frames are UTF-8");
     let Ok(Inbound::Submit { t, d }) = Inbound::decode(text) else {
         panic!("the 120-byte frame is a SUBMIT")
     };
@@ -456,7 +457,7 @@ fn dispatch_encode(c: &mut Criterion) {
 
 /// Decode + template + fill, as the connection reader and the stream owner do per reading.
 fn submit_to_dispatch_serde(text: &[u8], seq: u64) -> Option<bytes::Bytes> {
-    match Inbound::decode(text).ok()? {
+    match Inbound::decode(std::str::from_utf8(text).ok()?).ok()? {
         Inbound::Submit { t, d } => Some(dispatch_template(UID, &t, d).fill(seq)),
         _ => None,
     }

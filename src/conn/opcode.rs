@@ -191,8 +191,18 @@ impl Conn {
 impl Handler for State {
     type Wait = Wait;
 
+    fn on_text(&mut self, text: &str, out: &mut Out) -> Result<Option<Wait>, End> {
+        self.on_json(text, out)
+    }
+
+    /// A binary message holds the same JSON as a text one, once its UTF-8 is checked.
     fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Wait>, End> {
-        self.on_text(data, out)
+        let text = std::str::from_utf8(data).map_err(|_| {
+            metrics::handles().frame_in(op_in::INVALID);
+            tracing::debug!(conn = self.id, "binary frame that is not UTF-8");
+            CloseCode::InvalidJson
+        })?;
+        self.on_json(text, out)
     }
 
     fn on_control(&mut self) {
@@ -201,8 +211,8 @@ impl Handler for State {
 }
 
 impl State {
-    /// Handles one text message.
-    fn on_text(&mut self, text: &[u8], out: &mut Out) -> Result<Option<Wait>, End> {
+    /// Handles one message.
+    fn on_json(&mut self, text: &str, out: &mut Out) -> Result<Option<Wait>, End> {
         let m = metrics::handles();
         let inbound = Inbound::decode(text).map_err(|e| {
             m.frame_in(op_in::INVALID);
@@ -240,13 +250,15 @@ impl State {
             }
             Step::Submit { t, d } => {
                 m.frame_in(op_in::SUBMIT);
-                self.check_rate()?;
+                // One clock read serves the rate window and the latency histogram.
+                let received = Instant::now();
+                self.check_rate(received)?;
                 let (Some(p), Some(stream)) = (&self.principal, &self.stream) else {
                     return Err(CloseCode::Internal.into());
                 };
                 let publish = Publish {
                     frame: dispatch_template(&p.user, &t, d),
-                    received: Instant::now(),
+                    received,
                 };
                 match stream.try_publish(publish) {
                     Ok(()) => Ok(None),
@@ -272,12 +284,11 @@ impl State {
         }
     }
 
-    fn check_rate(&mut self) -> Result<(), End> {
+    fn check_rate(&mut self, now: Instant) -> Result<(), End> {
         let limit = self.ctx.limits.submit_rate_per_s;
         if limit == 0 {
             return Ok(());
         }
-        let now = Instant::now();
         if now.duration_since(self.window.0).as_secs() >= 1 {
             self.window = (now, 0);
         }

@@ -54,8 +54,14 @@ pub trait Handler {
     /// does it, then parsing resumes where it stopped.
     type Wait;
 
-    /// One text or binary message (text is valid UTF-8). Replies go into `out`.
+    /// One binary message, or a text one if the protocol has no [`Handler::on_text`] of its
+    /// own. Replies go into `out`.
     fn on_data(&mut self, data: &[u8], out: &mut Out) -> Result<Option<Self::Wait>, End>;
+
+    /// One text message, its UTF-8 already checked by the frame parser.
+    fn on_text(&mut self, text: &str, out: &mut Out) -> Result<Option<Self::Wait>, End> {
+        self.on_data(text.as_bytes(), out)
+    }
 
     /// A ping, pong or close arrived (a sign of life, and a metric); the socket answers
     /// pings itself.
@@ -356,9 +362,8 @@ impl WsSocket {
                 continue;
             }
             let wait = match message {
-                Message::Text(data) | Message::Binary(data) => {
-                    handler.on_data(&data, &mut self.out)?
-                }
+                Message::Text(text) => handler.on_text(&text, &mut self.out)?,
+                Message::Binary(data) => handler.on_data(&data, &mut self.out)?,
                 Message::Ping(payload) => {
                     handler.on_control();
                     self.out.reply(OpCode::Pong, payload);

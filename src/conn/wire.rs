@@ -15,8 +15,8 @@ use std::borrow::Cow;
 /// One complete client message, borrowed from the read buffer where it can be.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message<'a> {
-    /// Valid UTF-8.
-    Text(Cow<'a, [u8]>),
+    /// Checked here, so no later stage checks it again.
+    Text(Cow<'a, str>),
     Binary(Cow<'a, [u8]>),
     Ping(&'a [u8]),
     Pong,
@@ -165,10 +165,11 @@ fn close_code_allowed(code: u16) -> bool {
 fn finish(opcode: OpCode, payload: Cow<'_, [u8]>) -> Result<Message<'_>, ReadError> {
     match opcode {
         OpCode::Text => {
-            if std::str::from_utf8(&payload).is_err() {
-                return Err(ReadError::InvalidUtf8);
-            }
-            Ok(Message::Text(payload))
+            let text = match payload {
+                Cow::Borrowed(b) => std::str::from_utf8(b).map(Cow::Borrowed).ok(),
+                Cow::Owned(v) => String::from_utf8(v).map(Cow::Owned).ok(),
+            };
+            text.map(Message::Text).ok_or(ReadError::InvalidUtf8)
         }
         _ => Ok(Message::Binary(payload)),
     }
@@ -287,7 +288,7 @@ mod tests {
                     }
                     Ok(Parsed::Message(m, used)) => {
                         got.push(match m {
-                            Message::Text(t) => Got::Text(t.into_owned()),
+                            Message::Text(t) => Got::Text(t.into_owned().into_bytes()),
                             Message::Binary(b) => Got::Binary(b.into_owned()),
                             Message::Ping(p) => Got::Ping(p.to_vec()),
                             Message::Pong => Got::Pong,

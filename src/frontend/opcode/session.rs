@@ -105,7 +105,7 @@ mod tests {
     use super::*;
 
     fn step(s: &Session, text: &str) -> Result<CloseOr, CloseCode> {
-        let frame = Inbound::decode(text.as_bytes()).expect("valid frame");
+        let frame = Inbound::decode(text).expect("valid frame");
         s.step(frame)
             .map(|st| match st {
                 Step::Ack => CloseOr::Ack,
