@@ -250,12 +250,16 @@ async fn invalid_utf8_closes_1007_and_client_close_is_answered() {
     let mut consumer = srv.consumer().await;
     let mut binary = srv.producer("b").await;
     let submit = br#"{"op":6,"t":"STEPS","d":{"n":1}}"#;
-    binary.send_msg(Message::Binary(submit.to_vec().into())).await;
+    binary
+        .send_msg(Message::Binary(submit.to_vec().into()))
+        .await;
     assert_eq!(
         consumer.recv().await,
         r#"{"op":5,"d":{"n":1},"uid":"b","seq":1,"t":"STEPS"}"#
     );
-    binary.send_msg(Message::Binary(vec![b'{', 0xff].into())).await;
+    binary
+        .send_msg(Message::Binary(vec![b'{', 0xff].into()))
+        .await;
     assert_eq!(binary.close_code().await, 1007);
     let mut polite = srv.producer("p").await;
     polite.send_msg(ws_close(1000)).await;
