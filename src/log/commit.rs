@@ -267,6 +267,7 @@ impl Flush {
     /// in [`Flush::settle`].
     fn write(&mut self) -> Result<(), LogError> {
         self.shared.dirty.store(false, Ordering::Release);
+        self.shared.pending_bytes.store(0, Ordering::Release);
         self.tails = self.shared.take_pending();
         self.buf.clear();
         self.staged.clear();
