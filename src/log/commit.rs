@@ -1,7 +1,9 @@
 //! Group commit: one thread that turns many "make it durable" requests into one write.
 //!
 //! Owns the segment writer of a [`super::SledStore`]. Stream owners ask for a commit and await
-//! the answer; every request that arrives while a commit runs shares the next one. Each commit
+//! the answer; every request that arrives while a commit runs shares the next one (and while
+//! readings pour in faster than the cores can take much more, the next one starts a little
+//! later and takes more: see `Flush::gather`). Each commit
 //! encodes every stream's tail into one reused buffer, writes it with one `pwrite`, syncs it
 //! with one `fdatasync`, answers the requests, then indexes the records: the segments are the
 //! truth and the index is rebuilt from them, so a reading is durable at the sync and its
@@ -40,12 +42,15 @@ const KEEP_BUF: usize = 8 << 20;
 /// a disk that failed takes writes again. Cutting a failed commit off frees its own room, so
 /// a probe smaller than it would find a full disk "writable".
 const PROBE_BYTES: usize = 64 << 10;
-/// A commit at least this large means the store is saturated (see `Flush::gather`).
+/// The store counts as saturated while its last commit held at least this much...
 const BUSY_BYTES: usize = 64 << 10;
-/// How often commits start while saturated: measured against starting each one as soon as
-/// the last is done, it took 0.9x the CPU per reading and 1.1x the throughput in strict
-/// mode as fast as possible (BENCHMARKS.md, issue 10).
-const BUSY_PERIOD: Duration = Duration::from_micros(600);
+/// ...and the bytes came in at least this fast (128 MiB/s: some 700,000 readings a second of
+/// 180 bytes, near what two cores can take in at all).
+const BUSY_BYTES_PER_SEC: u64 = 128 << 20;
+/// How often commits start while saturated. Measured as fast as possible in strict mode
+/// against starting each commit once the last is done (0 µs): 0.83x `fast`'s throughput
+/// with 0 µs, 0.90x with 600 µs, 0.99x with 1.5 ms (BENCHMARKS.md, issue 10).
+const BUSY_PERIOD: Duration = Duration::from_micros(1500);
 /// How often the checkpoint moves. It only bounds what a restart re-reads, so one sled
 /// write per interval instead of one per commit (thousands a second in strict mode).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
@@ -89,6 +94,7 @@ impl Committer {
             reindex: false,
             last_start: Instant::now(),
             last_bytes: 0,
+            last_window: Duration::MAX,
         };
         let (tid_tx, tid_rx) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -172,9 +178,11 @@ struct Flush {
     written_at: Option<(u64, u64)>,
     /// A written commit could not be indexed: the index is rebuilt before the next write.
     reindex: bool,
-    /// When the last commit started, and the bytes it wrote: see [`Flush::gather`].
+    /// When the last commit started, the bytes it wrote, and how long they took to come
+    /// in (from the start of the commit before it): see [`Flush::gather`].
     last_start: Instant,
     last_bytes: usize,
+    last_window: Duration,
 }
 
 fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
@@ -247,20 +255,21 @@ fn run(mut flush: Flush, rx: mpsc::Receiver<Waiter>, interval: Duration) {
 }
 
 impl Flush {
-    /// Under saturation, lets the next group grow before it is written. A commit of
-    /// [`BUSY_BYTES`] or more means readings arrive faster than a sync takes (about a million
-    /// a second here); then commits start at most every [`BUSY_PERIOD`], so the same
-    /// readings take fewer syncs, wake-ups and index writes. Below that (10,000 readings/s
-    /// makes commits of a few KiB) a commit starts the moment it is asked for, as before.
+    /// Under saturation, lets the next group grow before it is written: while readings
+    /// arrive faster than [`BUSY_BYTES_PER_SEC`], commits start at most every
+    /// [`BUSY_PERIOD`], so the same readings take fewer syncs, wake-ups and index writes (a
+    /// reading waits up to that much longer, when the cores are busy anyway). Below that
+    /// rate (10,000 readings/s is under 2 MiB/s) a commit starts the moment it is asked for.
     fn gather(&mut self) {
-        if self.last_bytes >= BUSY_BYTES {
-            let until = self.last_start + BUSY_PERIOD;
-            let now = Instant::now();
-            if now < until {
-                std::thread::sleep(until - now);
+        let rate = self.last_bytes as u128 * 1_000_000 / self.last_window.as_micros().max(1);
+        if self.last_bytes >= BUSY_BYTES && rate >= u128::from(BUSY_BYTES_PER_SEC) {
+            if let Some(rest) = BUSY_PERIOD.checked_sub(self.last_start.elapsed()) {
+                std::thread::sleep(rest);
             }
         }
-        self.last_start = Instant::now();
+        let now = Instant::now();
+        self.last_window = now - self.last_start;
+        self.last_start = now;
     }
 
     /// Writes and syncs every tail, and marks what it wrote as written. The index follows
