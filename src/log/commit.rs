@@ -8,7 +8,7 @@
 //! with one `fdatasync`, answers the requests, then indexes the records: the segments are the
 //! truth and the index is rebuilt from them, so a reading is durable at the sync and its
 //! DISPATCH does not wait for sled. In fast durability the same thread also
-//! commits on a timer whenever something was appended.
+//! commits on a timer whenever something was appended, and as soon as 256 KiB of appends wait.
 //!
 //! A failed write is cut off the file (see `segment::Writer::append`). What it held then
 //! depends on the mode: in strict mode its readings were never dispatched and are dropped
