@@ -84,6 +84,9 @@ pub(super) fn encode_readings(
 /// A readings record being appended to a buffer frame by frame (see [`BatchWriter`]).
 pub(super) struct ReadingsWriter {
     start: usize,
+    first_seq: u64,
+    /// The frames' bytes with their length prefixes.
+    bytes: usize,
     batch: BatchWriter,
 }
 
@@ -91,15 +94,34 @@ impl ReadingsWriter {
     pub(super) fn begin(buf: &mut Vec<u8>, stream: &str, first_seq: u64) -> Self {
         let start = begin(buf, KIND_READINGS, stream, first_seq);
         let batch = BatchWriter::begin(buf);
-        Self { start, batch }
+        Self {
+            start,
+            first_seq,
+            bytes: 0,
+            batch,
+        }
     }
 
     pub(super) fn push(&mut self, buf: &mut Vec<u8>, frame: &[u8]) {
         self.batch.push(buf, frame);
+        self.bytes += 4 + frame.len();
+    }
+
+    pub(super) fn first_seq(&self) -> u64 {
+        self.first_seq
     }
 
     pub(super) fn count(&self) -> u32 {
         self.batch.count()
+    }
+
+    /// The seq a frame pushed now must have to belong here.
+    pub(super) fn next_seq(&self) -> u64 {
+        self.first_seq + u64::from(self.count())
+    }
+
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Closes the record, stamped `ts_ms`; returns its frame's offset in `buf` and length,

@@ -247,14 +247,13 @@ impl Tail {
         runs.extend(self.runs.lock().iter().cloned());
         let through = runs.last().map(Run::last);
         let written = self.written.load(Ordering::Acquire);
-        // The record being written: its writer, first seq, stamp and size so far.
-        let mut open: Option<(segment::ReadingsWriter, u64, u64, usize)> = None;
-        let mut close = |open: Option<(segment::ReadingsWriter, u64, u64, usize)>,
-                         buf: &mut Vec<u8>| {
-            if let Some((record, start, ts, _)) = open {
-                let count = record.count();
+        // The record being written, and the stamp of its newest reading.
+        let mut open: Option<(segment::ReadingsWriter, u64)> = None;
+        let mut close = |open: Option<(segment::ReadingsWriter, u64)>, buf: &mut Vec<u8>| {
+            if let Some((record, ts)) = open {
+                let (first, count) = (record.first_seq(), record.count());
                 let (at, len) = record.finish(buf, ts);
-                staged(start, count, ts, at, len);
+                staged(first, count, ts, at, len);
             }
         };
         for run in runs.iter() {
@@ -263,23 +262,16 @@ impl Tail {
                 if seq <= written {
                     continue;
                 }
-                let size = 4 + frame.len();
-                let joins = open.as_ref().is_some_and(|(record, start, _, bytes)| {
-                    start + u64::from(record.count()) == seq && bytes + size <= RECORD_MAX_BYTES
+                let joins = open.as_ref().is_some_and(|(record, _)| {
+                    record.next_seq() == seq && record.bytes() + 4 + frame.len() <= RECORD_MAX_BYTES
                 });
                 if !joins {
                     close(open.take(), buf);
-                    open = Some((
-                        segment::ReadingsWriter::begin(buf, &self.name, seq),
-                        seq,
-                        0,
-                        0,
-                    ));
+                    open = Some((segment::ReadingsWriter::begin(buf, &self.name, seq), 0));
                 }
-                let (record, _, ts, bytes) = open.as_mut().expect("a record is open");
+                let (record, ts) = open.as_mut().expect("a record is open");
                 record.push(buf, frame);
                 *ts = run.ts_ms;
-                *bytes += size;
             }
         }
         close(open, buf);

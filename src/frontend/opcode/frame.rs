@@ -293,8 +293,8 @@ mod tests {
         let d =
             RawValue::from_string(r#"{"ts":"2022-05-04T10:26:11.268507+01:00","val":95}"#.into())
                 .unwrap();
-        let frame = dispatch_template("8e864e3a-979a-4d04-b4e9-b6d020f20ba0", "HEART_RATE", &d)
-            .fill_into(73, &mut bytes::BytesMut::new());
+        let frame =
+            dispatch_template("8e864e3a-979a-4d04-b4e9-b6d020f20ba0", "HEART_RATE", &d).fill(73);
         assert_eq!(
             std::str::from_utf8(&frame).unwrap(),
             r#"{"op":5,"d":{"ts":"2022-05-04T10:26:11.268507+01:00","val":95},"uid":"8e864e3a-979a-4d04-b4e9-b6d020f20ba0","seq":73,"t":"HEART_RATE"}"#
