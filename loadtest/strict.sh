@@ -26,11 +26,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-devs=""
-for d in 1 2 3 4; do devs="$devs[[developers]]\nid = \"d$d\"\napi_key = \"k$d-0123456789abcdef\"\n"; done
-for mode in strict fast; do
-  printf "listen = \"127.0.0.1:$PORT\"\ndata_dir = \"$WORK/data\"\ndurability = \"$mode\"\n$devs" >"$WORK/$mode.toml"
-done
+. "$ROOT/loadtest/common.sh"
+write_configs "$WORK" "$PORT"
 
 p99() { # LABEL: reads a --json report on stdin, prints "LABEL p50 p99 p999" in ms (and keeps it)
   python3 -c 'import json,sys; l=json.load(sys.stdin)["latency"]; print(sys.argv[1], *("%.2f" % (l[k] / 1000) for k in ("p50_us", "p99_us", "p999_us")), flush=True)' "$1" |
@@ -40,10 +37,7 @@ server_run() { # MODE: one relay run against a fresh server
   rm -rf "$WORK/data"
   SENSORGATE_LOG=warn "$SG" --config "$WORK/$1.toml" 2>"$WORK/$1.log" &
   SERVER=$!
-  for _ in $(seq 1 100); do
-    curl -sf -o /dev/null "http://127.0.0.1:$PORT/readyz" && break
-    sleep 0.1
-  done
+  wait_ready "$PORT"
   sync
   sleep 1
   "$LOAD" --url "ws://127.0.0.1:$PORT" --config "$WORK/$1.toml" -q --json relay -p 4 -r "$RATE" -d "$SECS" | p99 "$1"
