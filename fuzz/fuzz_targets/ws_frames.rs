@@ -23,12 +23,12 @@ fuzz_target!(|data: &[u8]| {
                 at += used;
             }
             Ok(Parsed::Message(message, used)) => {
-                let len = match &message {
+                let size = match &message {
                     Message::Text(t) => t.len(),
                     Message::Binary(b) => b.len(),
                     _ => 0,
                 };
-                assert!(len <= MAX);
+                assert!(size <= MAX);
                 assert!(used > 0 && used <= len);
                 at += used;
             }
