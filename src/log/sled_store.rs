@@ -45,8 +45,8 @@ const RECORD_MAX_BYTES: usize = 64 << 10;
 /// Appends waiting for a commit past this many bytes ask for one before fast mode's timer
 /// does. A commit's frames, its buffer and the kernel's copy of it then stay within a core's
 /// 2 MiB L2 cache here: a 5 ms timer alone let commits grow to megabytes as fast as
-/// possible, and the commit thread spent 1.2x the CPU per reading reading them back cold
-/// (BENCHMARKS.md, issue 10).
+/// possible, read back cold, and the server spent 1.2x the CPU per reading that a 1 ms
+/// timer cost (BENCHMARKS.md, issue 10).
 const EARLY_COMMIT_BYTES: usize = 256 << 10;
 /// `meta` keys.
 pub(super) const CHECKPOINT: &[u8] = b"checkpoint";
