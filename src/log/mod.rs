@@ -11,7 +11,7 @@ mod record;
 mod segment;
 mod sled_store;
 
-pub use record::{decode_batch, encode_batch, BatchHeader};
+pub use record::{decode_batch, BatchHeader};
 pub use sled_store::SledStore;
 
 use bytes::Bytes;

@@ -15,23 +15,6 @@ pub struct BatchHeader {
 
 const HEADER: usize = 12;
 
-/// Encodes a batch record.
-pub fn encode_batch(ts_ms: u64, frames: &[Bytes]) -> Vec<u8> {
-    let body: usize = frames.iter().map(|f| 4 + f.len()).sum();
-    let mut out = Vec::with_capacity(HEADER + body);
-    encode_batch_into(&mut out, ts_ms, frames);
-    out
-}
-
-/// Appends a batch record to `out`.
-pub fn encode_batch_into(out: &mut Vec<u8>, ts_ms: u64, frames: &[Bytes]) {
-    let mut batch = BatchWriter::begin(out);
-    for frame in frames {
-        batch.push(out, frame);
-    }
-    batch.finish(out, ts_ms);
-}
-
 /// A batch record being appended to a buffer frame by frame, its header written last: the
 /// commit thread copies each frame straight from its stream's tail, with no list of frames
 /// (and no reference count taken per frame) in between.
@@ -56,6 +39,11 @@ impl BatchWriter {
 
     pub fn count(&self) -> u32 {
         self.count
+    }
+
+    /// The bytes pushed so far, length prefixes included (`out` is the buffer pushed to).
+    pub fn body_len(&self, out: &[u8]) -> usize {
+        out.len() - self.at - HEADER
     }
 
     /// Writes the header; the record ends at the end of `out`.
@@ -96,6 +84,16 @@ pub fn decode_batch(record: &Bytes) -> Option<(BatchHeader, Vec<Bytes>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode_batch(ts_ms: u64, frames: &[Bytes]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut batch = BatchWriter::begin(&mut out);
+        for frame in frames {
+            batch.push(&mut out, frame);
+        }
+        batch.finish(&mut out, ts_ms);
+        out
+    }
 
     #[test]
     fn round_trip() {

@@ -85,8 +85,6 @@ pub(super) fn encode_readings(
 pub(super) struct ReadingsWriter {
     start: usize,
     first_seq: u64,
-    /// The frames' bytes with their length prefixes.
-    bytes: usize,
     batch: BatchWriter,
 }
 
@@ -97,14 +95,12 @@ impl ReadingsWriter {
         Self {
             start,
             first_seq,
-            bytes: 0,
             batch,
         }
     }
 
     pub(super) fn push(&mut self, buf: &mut Vec<u8>, frame: &[u8]) {
         self.batch.push(buf, frame);
-        self.bytes += 4 + frame.len();
     }
 
     pub(super) fn first_seq(&self) -> u64 {
@@ -120,8 +116,9 @@ impl ReadingsWriter {
         self.first_seq + u64::from(self.count())
     }
 
-    pub(super) fn bytes(&self) -> usize {
-        self.bytes
+    /// The frames' bytes so far, length prefixes included (`buf` is the one pushed to).
+    pub(super) fn bytes(&self, buf: &[u8]) -> usize {
+        self.batch.body_len(buf)
     }
 
     /// Closes the record, stamped `ts_ms`; returns its frame's offset in `buf` and length,

@@ -263,7 +263,8 @@ impl Tail {
                     continue;
                 }
                 let joins = open.as_ref().is_some_and(|(record, _)| {
-                    record.next_seq() == seq && record.bytes() + 4 + frame.len() <= RECORD_MAX_BYTES
+                    record.next_seq() == seq
+                        && record.bytes(buf) + 4 + frame.len() <= RECORD_MAX_BYTES
                 });
                 if !joins {
                     close(open.take(), buf);
