@@ -27,7 +27,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::types::{Batch, Kick, Outbox, Publish};
+use super::types::{seq_len, Batch, Kick, Outbox, Publish};
 use super::HubError;
 use crate::config::Durability;
 use crate::log::jetstream::JsStream;
@@ -293,11 +293,12 @@ impl Owner {
             }
             // The batch's frames go into one buffer: a reading costs a copy, not an
             // allocation of its own (nor a free on whichever thread lets go of it last).
-            let widest = self.next + cmds.len() as u64;
+            // No seq in the batch is longer than its last possible one.
+            let digits = seq_len(self.next + cmds.len() as u64);
             let room = cmds
                 .iter()
                 .map(|cmd| match cmd {
-                    Command::Publish(p) => p.frame.filled_len(widest),
+                    Command::Publish(p) => p.frame.len() + digits,
                     _ => 0,
                 })
                 .sum();

@@ -51,16 +51,17 @@ impl Digits {
     }
 }
 
+/// How many bytes `seq` takes in a frame: a template's finished frame is its
+/// [`SeqTemplate::len`] plus this.
+pub fn seq_len(seq: u64) -> usize {
+    Digits::new(seq).as_bytes().len()
+}
+
 impl SeqTemplate {
     /// `buf` holds the frame with nothing at `seq_at`.
     pub fn new(buf: Vec<u8>, seq_at: usize) -> Self {
         debug_assert!(seq_at <= buf.len());
         Self { buf, seq_at }
-    }
-
-    /// The finished frame's length with any seq up to `seq` in it: what to reserve for it.
-    pub fn filled_len(&self, seq: u64) -> usize {
-        self.buf.len() + Digits::new(seq).as_bytes().len()
     }
 
     /// Appends the frame with `seq` in its hole to `out` and cuts it off as its own `Bytes`,
@@ -75,7 +76,7 @@ impl SeqTemplate {
 
     /// One frame alone, in a buffer of its own: what a group commit of one reading costs.
     pub fn fill(&self, seq: u64) -> Bytes {
-        self.fill_into(seq, &mut BytesMut::with_capacity(self.filled_len(seq)))
+        self.fill_into(seq, &mut BytesMut::with_capacity(self.len() + seq_len(seq)))
     }
 
     pub fn len(&self) -> usize {
@@ -335,7 +336,7 @@ mod tests {
     fn fill_writes_the_seq_in_place() {
         let t = SeqTemplate::new(b"{\"seq\":,\"t\":\"X\"}".to_vec(), 7);
         let seqs = [0u64, 7, 73, 1_000_000, u64::MAX];
-        let room = seqs.iter().map(|&s| t.filled_len(s)).sum();
+        let room = seqs.iter().map(|&s| t.len() + seq_len(s)).sum();
         let mut out = BytesMut::with_capacity(room);
         let frames: Vec<Bytes> = seqs.iter().map(|&s| t.fill_into(s, &mut out)).collect();
         for (seq, frame) in seqs.iter().zip(&frames) {
