@@ -101,8 +101,8 @@ struct Sent {
     stored: Bytes,
     /// When its SUBMIT arrived.
     at: Instant,
-    /// The token of its publish on the way (None while it waits to be sent again): an ack
-    /// naming another token answers a publish given up on, and is ignored.
+    /// The slot of its publish on the way ([`Replies`]); None once answered, or while it
+    /// waits to be sent again.
     token: Option<u64>,
     /// When that publish went.
     sent_at: Instant,
@@ -112,17 +112,89 @@ struct Sent {
     seq: Option<u64>,
 }
 
-/// Where this owner's publishes are answered, and the token of the next one.
+/// Where this owner's publishes are answered. A publish's token is a slot, its reply
+/// subject `<inbox>.<slot>`, and a slot is taken again only once the ack naming it came
+/// back (JetStream answers a publish once): an ack can only answer the publish holding its
+/// slot. Reused slots keep the reply subjects few and always the same; a fresh subject per
+/// publish made JetStream itself slower (`wsbench --js` with a fresh reply subject per
+/// publish had 1.4–2.7× the p99 of one subject per producer at 10,000/s; BENCHMARKS.md,
+/// "Cluster: acks on reused reply subjects"). The slots of publishes whose acks never come
+/// (lost with a connection) are let go by moving to a fresh inbox after a failure.
 struct Replies {
     acks: Acks,
-    next: u64,
+    slots: Slots,
+    /// Each slot's reply subject, made once.
+    subjects: Vec<Subject>,
+    /// A failure abandoned publishes on their way: their slots go with a fresh inbox.
+    stale: bool,
 }
 
 impl Replies {
+    fn new(acks: Acks) -> Self {
+        Self {
+            acks,
+            slots: Slots::default(),
+            subjects: Vec::new(),
+            stale: false,
+        }
+    }
+
     fn take(&mut self) -> (u64, Subject) {
-        let token = self.next;
-        self.next += 1;
-        (token, self.acks.reply(token))
+        let slot = self.slots.take();
+        if slot == self.subjects.len() {
+            self.subjects.push(self.acks.reply(slot as u64));
+        }
+        (slot as u64, self.subjects[slot].clone())
+    }
+
+    /// Moves to a fresh inbox (after a failure): acks still on their way to the old one are
+    /// dropped with it, which the read-back makes up for.
+    async fn renew(&mut self, js: &JsStream) {
+        match js.acks().await {
+            Ok(acks) => *self = Self::new(acks),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot subscribe to a fresh ack inbox; keeping the old one")
+            }
+        }
+    }
+}
+
+/// Which reply slots the publishes on their way hold.
+#[derive(Default)]
+struct Slots {
+    held: Vec<bool>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    /// The slot freed last (its subject is the likeliest still in the servers' caches), or
+    /// a new one.
+    fn take(&mut self) -> usize {
+        match self.free.pop() {
+            Some(slot) => {
+                self.held[slot] = true;
+                slot
+            }
+            None => {
+                self.held.push(true);
+                self.held.len() - 1
+            }
+        }
+    }
+
+    /// The ack naming `slot` came back: no other will, so it is free. False if nobody held it.
+    fn answered(&mut self, slot: u64) -> bool {
+        match usize::try_from(slot)
+            .ok()
+            .and_then(|i| self.held.get_mut(i))
+        {
+            Some(held) if *held => {
+                *held = false;
+                self.free.push(slot as usize);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -239,7 +311,7 @@ impl ClusterOwner {
         let Some((js, acks)) = self.open(&mut waiting).await else {
             return;
         };
-        let mut replies = Replies { acks, next: 0 };
+        let mut replies = Replies::new(acks);
         let ack_timeout = js.ack_timeout();
         let mut disconnects = js.disconnects();
         let mut subs: Vec<Subscriber> = Vec::new();
@@ -261,10 +333,13 @@ impl ClusterOwner {
         let (mut ack_timer, mut resend_timer) = (Timer::new(), Timer::new());
         let (mut linger_timer, mut watchdog_timer) = (Timer::new(), Timer::new());
         loop {
+            if replies.stale {
+                replies.renew(&js).await;
+            }
             // Acks come in order; the front's tells whether one is lost.
             let ack_due = sent
                 .front()
-                .filter(|s| s.token.is_some() && s.seq.is_none())
+                .filter(|s| s.token.is_some())
                 .map(|s| s.sent_at + ack_timeout);
             let resend_at = resend.as_ref().and_then(|r| r.at);
             let linger = (tail.is_some() && subs.is_empty()).then(|| idle_since + TAIL_LINGER);
@@ -288,14 +363,14 @@ impl ClusterOwner {
                 }
                 Wake::AckLost => {
                     tracing::warn!(stream = %self.shared.id, "publish not acknowledged in time; sending it again");
-                    self.failed(0, &mut sent, &mut resend);
+                    self.failed(0, &mut replies, &mut sent, &mut resend);
                 }
                 Wake::Disconnected => {
                     // The acks on their way went with the connection: read back now rather
                     // than wait out `ack_timeout_ms`.
                     if let Some(i) = sent.iter().position(|s| s.token.is_some()) {
                         tracing::warn!(stream = %self.shared.id, unacknowledged = sent.len(), "NATS connection lost with publishes unacknowledged; reading back");
-                        self.failed(i, &mut sent, &mut resend);
+                        self.failed(i, &mut replies, &mut sent, &mut resend);
                     }
                     // The tail's consumer may have been on the server that went.
                     watchdog.suspect(self.shared.durable.load(Ordering::SeqCst));
@@ -350,12 +425,19 @@ impl ClusterOwner {
                                 let id = self.cluster.next_id();
                                 let stored = jetstream::stored(id, frame, at);
                                 crate::metrics::handles().js_acks_pending.increment(1.0);
-                                let (token, reply) = replies.take();
-                                let token = match js.publish(stored.clone(), reply, None).await {
-                                    Ok(()) => Some(token),
-                                    Err(e) => {
-                                        tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
-                                        None
+                                // After a failure earlier in this batch the rest wait
+                                // their turn to be sent again, in order.
+                                let token = match resend {
+                                    Some(_) => None,
+                                    None => {
+                                        let (slot, reply) = replies.take();
+                                        match js.publish(stored.clone(), reply, None).await {
+                                            Ok(()) => Some(slot),
+                                            Err(e) => {
+                                                tracing::warn!(stream = %self.shared.id, error = %e, "publish not sent");
+                                                None
+                                            }
+                                        }
                                     }
                                 };
                                 sent.push_back(Sent {
@@ -367,7 +449,7 @@ impl ClusterOwner {
                                     seq: None,
                                 });
                                 if token.is_none() && resend.is_none() {
-                                    self.start_resend(&mut sent, &mut resend);
+                                    self.start_resend(&mut replies, &mut sent, &mut resend);
                                 }
                             }
                             Command::Subscribe { sub, head } => {
@@ -398,14 +480,15 @@ impl ClusterOwner {
         // Shutting down: wait (up to `ack_timeout_ms`) for what is on its way, so the
         // readings a producer sent before 1001 are not left in doubt.
         let until = tokio::time::Instant::now() + ack_timeout;
-        while sent.iter().any(|s| s.token.is_some() && s.seq.is_none()) {
+        while sent.iter().any(|s| s.token.is_some()) {
             let Ok((token, ack)) = tokio::time::timeout_at(until, replies.acks.next()).await else {
                 break;
             };
+            replies.slots.answered(token);
             if let Some(s) = sent.iter_mut().find(|s| s.token == Some(token)) {
-                match ack {
-                    Ack::Stored(seq) => s.seq = Some(seq),
-                    _ => s.token = None,
+                s.token = None;
+                if let Ack::Stored(seq) = ack {
+                    s.seq = Some(seq);
                 }
             }
             self.settle_front(&mut sent);
@@ -617,10 +700,12 @@ impl ClusterOwner {
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
+        replies.slots.answered(token);
         // Usually the front; none for a publish given up on (its reading is sent again).
         let Some(i) = sent.iter().position(|s| s.token == Some(token)) else {
             return;
         };
+        sent[i].token = None;
         match ack {
             Ack::Stored(seq) => {
                 sent[i].seq = Some(seq);
@@ -639,11 +724,11 @@ impl ClusterOwner {
                 // A publish from before the failure landed ahead of this resend, which was
                 // refused: read the stream back again before the next.
                 tracing::info!(stream = %self.shared.id, "a reading from before the failure was stored meanwhile; checking again");
-                self.failed(i, sent, resend);
+                self.failed(i, replies, sent, resend);
             }
             Ack::Refused(reason) => {
                 tracing::warn!(stream = %self.shared.id, %reason, "publish refused; sending it again");
-                self.failed(i, sent, resend);
+                self.failed(i, replies, sent, resend);
             }
         }
     }
@@ -651,10 +736,16 @@ impl ClusterOwner {
     /// The publish of `sent[i]` failed or its ack is lost: its reading may or may not be
     /// stored, so the owner stops pipelining and sends everything unacknowledged again
     /// (after reading the stream back), or retries later if it was doing so already.
-    fn failed(&self, i: usize, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+    fn failed(
+        &self,
+        i: usize,
+        replies: &mut Replies,
+        sent: &mut VecDeque<Sent>,
+        resend: &mut Option<Resend>,
+    ) {
         sent[i].token = None;
         if resend.is_none() {
-            self.start_resend(sent, resend);
+            self.start_resend(replies, sent, resend);
         } else {
             self.retry_later(sent, resend);
         }
@@ -662,12 +753,18 @@ impl ClusterOwner {
 
     /// Stops pipelining: every reading still unacknowledged is sent again in order, one at a
     /// time, so none lands ahead of one queued before it.
-    fn start_resend(&self, sent: &mut VecDeque<Sent>, resend: &mut Option<Resend>) {
+    fn start_resend(
+        &self,
+        replies: &mut Replies,
+        sent: &mut VecDeque<Sent>,
+        resend: &mut Option<Resend>,
+    ) {
         // Acks still coming are ignored: the read-back says what was stored.
         for s in sent.iter_mut() {
             s.token = None;
             s.seq = None;
         }
+        replies.stale = true;
         *resend = Some(Resend {
             deadline: Instant::now() + self.cluster.publish_retry,
             backoff: RETRY_FIRST,
@@ -806,5 +903,26 @@ mod tests {
         // Delivery resumed meanwhile: nothing to restart.
         w.suspect(40);
         assert!(!w.checked(45, Some(50)));
+    }
+
+    #[test]
+    fn a_reply_slot_is_taken_again_only_after_its_ack() {
+        let mut s = Slots::default();
+        assert_eq!([s.take(), s.take(), s.take()], [0, 1, 2]);
+        assert!(s.answered(1));
+        // A second ack naming slot 1, or one naming a slot never taken, frees nothing.
+        assert!(!s.answered(1));
+        assert!(!s.answered(7));
+        assert_eq!([s.take(), s.take()], [1, 3]);
+        // While acks keep up the subjects stay few: 10,000 publishes, at most two on
+        // their way at once, use two slots besides the four still held.
+        let mut on_the_way = std::collections::VecDeque::new();
+        for _ in 0..10_000 {
+            on_the_way.push_back(s.take());
+            if on_the_way.len() == 2 {
+                assert!(s.answered(on_the_way.pop_front().unwrap() as u64));
+            }
+        }
+        assert_eq!(s.held.len(), 6);
     }
 }

@@ -98,7 +98,7 @@ pub fn frame_at(stored: &[u8], seq: u64) -> Result<Bytes, LogError> {
 }
 
 /// The acks of one stream owner's publishes, on a subscription of its own. Each publish
-/// names `<inbox>.<token>` as its reply subject, so an ack says which publish it answers:
+/// names `<inbox>.<slot>` as its reply subject, so an ack says which publish it answers:
 /// no request map, timer or boxed future per publish, as a JetStream context's publish
 /// has (a node's CPU per reading fell by 20–42 %; BENCHMARKS.md, "Cluster").
 pub struct Acks {
@@ -153,7 +153,7 @@ impl Ack {
 }
 
 impl Acks {
-    /// The reply subject of the publish `token`.
+    /// The reply subject of the publish holding `slot`.
     pub fn reply(&self, token: u64) -> Subject {
         let mut digits = itoa::Buffer::new();
         let digits = digits.format(token);
