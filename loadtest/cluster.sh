@@ -142,6 +142,11 @@ for r in $(seq 1 "$ROUNDS"); do
   run "embedded max" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
   run "js 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M 25000 --rate 2500
   run "jsdev 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
+  # UNIQUE_ACK=1: the same again with a fresh reply subject per publish, as a JetStream
+  # context's publish has (needs loadtest/wsbench-unique-ack.patch on top of the other).
+  if [ -n "${UNIQUE_ACK:-}" ]; then
+    WSBENCH_UNIQUE_ACK=1 run "jsdevu 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
+  fi
   run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
   run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
 done
