@@ -320,7 +320,9 @@ pub struct ClusterConfig {
     pub ack_timeout_ms: u64,
     /// How long a stream keeps retrying readings JetStream did not acknowledge (a server
     /// lost, a leader being elected) before it gives up: its producers then get 1011 and
-    /// nothing of what was not acknowledged is ever dispatched.
+    /// nothing of what was not acknowledged is ever dispatched. Long enough to ride out one
+    /// lost server: replacing a lost stream leader and a lost meta leader takes JetStream
+    /// 4–9 s each, and a busy host stretches that (CI once needed more than 10 s).
     pub publish_retry_ms: u64,
     /// Publishes one stream may have waiting for their ack; past it the stream's queue
     /// fills and producers are pushed back.
@@ -340,7 +342,7 @@ impl Default for ClusterConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,
             ack_timeout_ms: 2_000,
-            publish_retry_ms: 10_000,
+            publish_retry_ms: 20_000,
             max_acks_pending: 4096,
         }
     }
