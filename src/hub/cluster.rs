@@ -118,8 +118,9 @@ struct Sent {
 /// slot. Reused slots keep the reply subjects few and always the same; a fresh subject per
 /// publish makes JetStream itself slower (`wsbench --js` with a fresh reply subject per
 /// publish had 1.2–2.7× the p99 of one subject per producer at 10,000/s, in 8 of 8 pairs;
-/// BENCHMARKS.md, "Cluster: acks on reused reply subjects"). The slots of publishes whose acks never come
-/// (lost with a connection) are let go by moving to a fresh inbox after a failure.
+/// BENCHMARKS.md, "Cluster: acks on reused reply subjects"). The slots of publishes whose
+/// acks never come (lost with a connection) are let go by moving to a fresh inbox after a
+/// failure.
 struct Replies {
     acks: Acks,
     slots: Slots,
@@ -167,8 +168,7 @@ struct Slots {
 }
 
 impl Slots {
-    /// The slot freed last (its subject is the likeliest still in the servers' caches), or
-    /// a new one.
+    /// The slot freed last, or a new one: while acks keep up, the same few slots go round.
     fn take(&mut self) -> usize {
         match self.free.pop() {
             Some(slot) => {
