@@ -144,6 +144,8 @@ for r in $(seq 1 "$ROUNDS"); do
   run "jsdev 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
   # UNIQUE_ACK=1: the same again with a fresh reply subject per publish, as a JetStream
   # context's publish has (needs loadtest/wsbench-unique-ack.patch on top of the other).
+  # It runs second on the same streams, a place JetStream's p99 alone depends on
+  # (BENCHMARKS.md, "Cluster: acks on reused reply subjects"): swap the two to compare.
   if [ -n "${UNIQUE_ACK:-}" ]; then
     WSBENCH_UNIQUE_ACK=1 run "jsdevu 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
   fi

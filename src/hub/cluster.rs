@@ -115,12 +115,11 @@ struct Sent {
 /// Where this owner's publishes are answered. A publish's token is a slot, its reply
 /// subject `<inbox>.<slot>`, and a slot is taken again only once the ack naming it came
 /// back (JetStream answers a publish once): an ack can only answer the publish holding its
-/// slot. Reused slots keep the reply subjects few and always the same; a fresh subject per
-/// publish makes JetStream itself slower (`wsbench --js` with a fresh reply subject per
-/// publish had 1.2–2.7× the p99 of one subject per producer at 10,000/s, in 8 of 8 pairs;
-/// BENCHMARKS.md, "Cluster: acks on reused reply subjects"). The slots of publishes whose
-/// acks never come (lost with a connection) are let go by moving to a fresh inbox after a
-/// failure.
+/// slot. Each slot's subject is made once, so a publish formats and allocates no reply
+/// subject, and the servers see a handful of subjects instead of a new one per ack (which
+/// did not measurably change JetStream's p99: BENCHMARKS.md, "Cluster: acks on reused reply
+/// subjects"). The slots of publishes whose acks never come (lost with a connection) are let
+/// go by moving to a fresh inbox after a failure.
 struct Replies {
     acks: Acks,
     slots: Slots,
