@@ -148,8 +148,11 @@ impl Replies {
     }
 
     /// Moves to a fresh inbox (after a failure): acks still on their way to the old one are
-    /// dropped with it, which the read-back makes up for.
+    /// dropped with it, which the read-back makes up for. Tried once per failure: keeping
+    /// the old inbox is still correct (an abandoned slot stays held), it only keeps those
+    /// slots from being used again.
     async fn renew(&mut self, js: &JsStream) {
+        self.stale = false;
         match js.acks().await {
             Ok(acks) => *self = Self::new(acks),
             Err(e) => {
