@@ -13,6 +13,11 @@
 # sensorgate-load relay through haproxy and against the embedded node. At the end it prints,
 # per round and as medians, the cluster's throughput and its p99 at 10,000/s as ratios to
 # JetStream's in the same round (issue 12's targets: >= 0.8 and <= 1.5).
+# Every run starts on empty streams and leaves none behind: the JetStream runs make theirs
+# just before and delete them after, and each sensorgate run takes four developers no run
+# used before, whose streams are deleted after it. JetStream's latency depends on how much a
+# stream already holds, and its CPU on how many streams it keeps (BENCHMARKS.md, "Where the
+# cluster's p99 goes"), so each run meets the engine in the same state.
 # Everything is bounded (message counts, --timeout-s) and talks to 127.0.0.1 only.
 #
 # Needs release builds (cargo build --release --workspace), haproxy, nats-server (default:
@@ -21,11 +26,15 @@
 # applied (`--js 'BENCH{t}'` names a stream per topic; without it the jsdev runs fail):
 #   cp -r ../shared/bench/wsbench /tmp/wsbench && patch -d /tmp/wsbench -p1 < loadtest/wsbench-stream-per-topic.patch
 # Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name;
-# SENSORGATE=path measures another build of the server)
+# SENSORGATE=path measures another build of the server; M10K=n readings per producer in the
+# 10,000/s runs, default 25000 = 10 s; DUMP_DIR=dir keeps every reading's latency per run
+# (needs loadtest/wsbench-dump.patch on top of the others) and the nats-servers' GC trace,
+# for loadtest/stalls.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
 M=${2:-50000}
+M10K=${M10K:-25000}
 NS=${NATS_SERVER:-$ROOT/tests/cluster/.venv/bin/nats-server}
 SG=${SENSORGATE:-$ROOT/target/release/sensorgate}
 LOAD=$ROOT/target/release/sensorgate-load
@@ -48,6 +57,8 @@ wait_http() { # URL: until it answers 200
 }
 
 # --- three nats-servers ---
+# With DUMP_DIR the servers trace their garbage collections (GODEBUG below), timed from here.
+if [ -n "${DUMP_DIR:-}" ]; then mkdir -p "$DUMP_DIR" && date +%s.%N >"$DUMP_DIR/nats-start.txt"; fi
 cp "$ROOT/deploy/cluster/nats-server.conf" "$WORK/base.conf"
 # NATS_SYNC=default measures JetStream's default flushing instead of the shipped `always`.
 if [ "${NATS_SYNC:-always}" = default ]; then sed -i '/sync_interval: always/d' "$WORK/base.conf"; fi
@@ -56,7 +67,7 @@ R='[nats-route://127.0.0.1:16221, nats-route://127.0.0.1:16222, nats-route://127
 for i in 1 2 3; do
   conf="$WORK/base.conf"
   [ "$i" = 1 ] && conf="$WORK/n1.conf"
-  NATS_NAME=n$i NATS_HOST=127.0.0.1 NATS_PORT=1422$i NATS_CLUSTER_PORT=1622$i \
+  GODEBUG=${DUMP_DIR:+gctrace=1} NATS_NAME=n$i NATS_HOST=127.0.0.1 NATS_PORT=1422$i NATS_CLUSTER_PORT=1622$i \
     NATS_HTTP=127.0.0.1:1822$i NATS_STORE="$WORK/nats$i" NATS_ROUTES="$R" \
     "$NS" -c "$conf" 2>"$WORK/nats$i.log" &
   NATS_PIDS="${NATS_PIDS:-} $!"
@@ -66,7 +77,8 @@ for i in 1 2 3; do wait_http "http://127.0.0.1:1822$i/healthz"; done
 # JetStream is measured on streams shaped as a developer's (R3, file storage), laid out two
 # ways: `js` runs on one stream BENCH for all four producers' subjects (bench.0 … bench.3),
 # `jsdev` on one stream per producer (BENCH0 … BENCH3), as sensorgate lays out one stream per
-# developer. The two layouts overlap in subjects, so each run first makes its own.
+# developer. The two layouts overlap in subjects, and every run starts on empty streams, so
+# each run first deletes the streams and makes its own.
 js_api() { # SUBJECT JSON: one JetStream API request through n1, waits for its reply
   exec 3<>/dev/tcp/127.0.0.1/14221
   printf 'CONNECT {"verbose":false}\r\nSUB _bench.api 1\r\nPUB %s _bench.api %d\r\n%s\r\nPING\r\n' \
@@ -77,22 +89,23 @@ js_api() { # SUBJECT JSON: one JetStream API request through n1, waits for its r
 stream_json() { # NAME SUBJECT
   printf '{"name":"%s","subjects":["%s"],"storage":"file","num_replicas":3}' "$1" "$2"
 }
-LAYOUT=none
-bench_streams() { # one | per-producer
-  [ "$LAYOUT" = "$1" ] && return 0
+drop_bench_streams() {
+  js_api '$JS.API.STREAM.DELETE.BENCH' ''
+  for t in 0 1 2 3; do js_api "\$JS.API.STREAM.DELETE.BENCH$t" ''; done
+}
+bench_streams() { # one | per-producer: empty streams in that layout, the others deleted
+  drop_bench_streams
   if [ "$1" = one ]; then
-    for t in 0 1 2 3; do js_api "\$JS.API.STREAM.DELETE.BENCH$t" ''; done
     js_api '$JS.API.STREAM.CREATE.BENCH' "$(stream_json BENCH 'bench.>')"
   else
-    js_api '$JS.API.STREAM.DELETE.BENCH' ''
     for t in 0 1 2 3; do js_api "\$JS.API.STREAM.CREATE.BENCH$t" "$(stream_json "BENCH$t" "bench.$t")"; done
   fi
-  LAYOUT=$1
 }
 
 # --- sensorgate: three cluster nodes behind haproxy, one embedded node ---
+# Four developers per sensorgate run, each run its own (see the top): d0 … d3 for the first.
 devs=""
-for d in 0 1 2 3; do devs="$devs[[developers]]\nid = \"d$d\"\napi_key = \"k$d\"\n"; done
+for d in $(seq 0 $((16 * ROUNDS + 3))); do devs="$devs[[developers]]\nid = \"d$d\"\napi_key = \"k$d\"\n"; done
 printf 'token_secret = "bench-secret-0123456789abcdef0123456789"\nmax_connections = 8000\n[cluster]\nnats_urls = ["nats://127.0.0.1:14221", "nats://127.0.0.1:14222", "nats://127.0.0.1:14223"]\nstream_replicas = 3\n'"$devs" >"$WORK/node.toml"
 printf "$devs" >"$WORK/embedded.toml"
 for i in 1 2 3; do
@@ -108,7 +121,17 @@ HAPROXY_PID=$!
 sleep 2
 wait_http "http://127.0.0.1:18080/readyz"
 
-SGDEV='d0:k0,d1:k1,d2:k2,d3:k3'
+NEXT_DEV=0
+fresh_devs() { # sets SGDEV to four developers no run has used
+  SGDEV=""
+  for d in $(seq $NEXT_DEV $((NEXT_DEV + 3))); do SGDEV="$SGDEV${SGDEV:+,}d$d:k$d"; done
+  NEXT_DEV=$((NEXT_DEV + 4))
+}
+drop_dev_streams() { # deletes the streams of the developers in SGDEV, once their tails closed
+  local dev
+  sleep 3
+  for dev in ${SGDEV//,/ }; do js_api "\$JS.API.STREAM.DELETE.SG_${dev%%:*}" ''; done
+}
 ticks() { # PIDS...: their CPU time so far, in clock ticks
   local t=0 pid
   for pid in "$@"; do
@@ -123,34 +146,48 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   [[ "$name" =~ ${ONLY:-.} ]] || return 0
   case $name in
     "js "*) bench_streams one ;;
-    "jsdev "*) bench_streams per-producer ;;
+    "jsdev "* | "jsdevu "*) bench_streams per-producer ;;
   esac
   local n0 s0 e0 h0
   n0=$(ticks $NATS_PIDS) s0=$(ticks $NODE_PIDS) e0=$(ticks $EMB_PID) h0=$(ticks $HAPROXY_PID)
-  "$W" --timeout-s 120 --tag "$name" "$@" 2>>"$WORK/wsbench.err" >"$WORK/last.txt" || echo "$name failed (exit $?)"
+  local dump=""
+  if [ -n "${DUMP_DIR:-}" ]; then
+    dump="${name%% *}-${name#* }-$r"
+    dump="$DUMP_DIR/${dump//\//_}.txt"
+    rm -f "$dump"
+    date +%s.%N >"$dump.start"
+  fi
+  WSBENCH_DUMP=$dump "$W" --timeout-s 600 --tag "$name" "$@" 2>>"$WORK/wsbench.err" >"$WORK/last.txt" || echo "$name failed (exit $?)"
   cat "$WORK/last.txt"
   sed "s/^/round=$r /" "$WORK/last.txt" >>"$WORK/runs.txt"
   local hz
   hz=$(getconf CLK_TCK)
   echo "  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
+  case $name in
+    "js "* | "jsdev "* | "jsdevu "*) drop_bench_streams ;;
+    "cluster "*) drop_dev_streams ;;
+  esac
 }
 for r in $(seq 1 "$ROUNDS"); do
   echo "# round $r"
   run "js max" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M "$M"
   run "jsdev max" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M"
+  fresh_devs
   run "cluster max" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
+  fresh_devs
   run "embedded max" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M"
-  run "js 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M 25000 --rate 2500
-  run "jsdev 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
+  run "js 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js BENCH -P 4 -C 4 -M "$M10K" --rate 2500
+  run "jsdev 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M10K" --rate 2500
   # UNIQUE_ACK=1: the same again with a fresh reply subject per publish, as a JetStream
   # context's publish has (needs loadtest/wsbench-unique-ack.patch on top of the other).
-  # It runs second on the same streams, a place JetStream's p99 alone depends on
-  # (BENCHMARKS.md, "Cluster: acks on reused reply subjects"): swap the two to compare.
+  # It gets streams of its own, like every run.
   if [ -n "${UNIQUE_ACK:-}" ]; then
-    WSBENCH_UNIQUE_ACK=1 run "jsdevu 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M 25000 --rate 2500
+    WSBENCH_UNIQUE_ACK=1 run "jsdevu 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M10K" --rate 2500
   fi
-  run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
-  run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M 25000 --rate 2500
+  fresh_devs
+  run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M10K" --rate 2500
+  fresh_devs
+  run "embedded 10k/s" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M10K" --rate 2500
 done
 # The issue's two ratios per round (cluster against JetStream, same run, same client) and
 # their medians: throughput as fast as possible (target >= 0.8) and p99 at 10,000/s
@@ -176,9 +213,14 @@ for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible",
             print(f"{what}, cluster / {base}: median {statistics.median(v):.2f} over {len(v)} rounds "
                   f"({' / '.join(f'{x:.2f}' for x in v)}); {target} in {sum(map(ok, v))} of {len(v)}")
 EOF
+if [ -n "${DUMP_DIR:-}" ]; then
+  for i in 1 2 3; do grep '^gc ' "$WORK/nats$i.log" >"$DUMP_DIR/gc-n$i.txt" || true; done
+fi
 [ -n "${ONLY:-}" ] && exit 0
 echo "# sensorgate-load relay, 4 producers -> 4 developers"
+fresh_devs
 for target in 18080 18090; do
-  "$LOAD" --url ws://127.0.0.1:$target --dev d0:k0 --dev d1:k1 --dev d2:k2 --dev d3:k3 -q \
+  # shellcheck disable=SC2086 # one --dev per developer
+  "$LOAD" --url ws://127.0.0.1:$target --dev ${SGDEV//,/ --dev } -q \
     relay --producers 4 --developers 4 --count "$M" 2>&1 | sed "s/^/[$target] /" | grep -E 'readings/s|p50|p99|lost|dup|order' || true
 done
