@@ -103,7 +103,7 @@ struct Sent {
     at: Instant,
     /// The slot of its publish on the way ([`Replies`]); None once answered, or while it
     /// waits to be sent again.
-    token: Option<u64>,
+    slot: Option<u64>,
     /// When that publish went.
     sent_at: Instant,
     /// Its seq once acknowledged. Acks may overtake one another; readings leave (and
@@ -112,7 +112,7 @@ struct Sent {
     seq: Option<u64>,
 }
 
-/// Where this owner's publishes are answered. A publish's token is a slot, its reply
+/// Where this owner's publishes are answered. A publish holds a slot, its reply
 /// subject `<inbox>.<slot>`, and a slot is taken again only once the ack naming it came
 /// back (JetStream answers a publish once): an ack can only answer the publish holding its
 /// slot. Each slot's subject is made once, so a publish formats and allocates no reply
@@ -341,7 +341,7 @@ impl ClusterOwner {
             // Acks come in order; the front's tells whether one is lost.
             let ack_due = sent
                 .front()
-                .filter(|s| s.token.is_some())
+                .filter(|s| s.slot.is_some())
                 .map(|s| s.sent_at + ack_timeout);
             let resend_at = resend.as_ref().and_then(|r| r.at);
             let linger = (tail.is_some() && subs.is_empty()).then(|| idle_since + TAIL_LINGER);
@@ -349,7 +349,7 @@ impl ClusterOwner {
             let taking = resend.is_none() && sent.len() < self.cluster.max_acks_pending;
             let wake = tokio::select! {
                 biased;
-                (token, ack) = replies.acks.next() => Wake::Acked(token, ack),
+                (slot, ack) = replies.acks.next() => Wake::Acked(slot, ack),
                 _ = ack_timer.at(ack_due), if ack_due.is_some() => Wake::AckLost,
                 Ok(()) = disconnects.changed() => Wake::Disconnected,
                 _ = resend_timer.at(resend_at), if resend_at.is_some() => Wake::Resend,
@@ -359,8 +359,8 @@ impl ClusterOwner {
                 n = self.rx.recv_many(&mut cmds, self.batch_max), if taking => Wake::Commands(n),
             };
             match wake {
-                Wake::Acked(token, ack) => {
-                    self.acked(&js, &mut replies, token, ack, &mut sent, &mut resend)
+                Wake::Acked(slot, ack) => {
+                    self.acked(&js, &mut replies, slot, ack, &mut sent, &mut resend)
                         .await
                 }
                 Wake::AckLost => {
@@ -370,7 +370,7 @@ impl ClusterOwner {
                 Wake::Disconnected => {
                     // The acks on their way went with the connection: read back now rather
                     // than wait out `ack_timeout_ms`.
-                    if let Some(i) = sent.iter().position(|s| s.token.is_some()) {
+                    if let Some(i) = sent.iter().position(|s| s.slot.is_some()) {
                         tracing::warn!(stream = %self.shared.id, unacknowledged = sent.len(), "NATS connection lost with publishes unacknowledged; reading back");
                         self.failed(i, &mut replies, &mut sent, &mut resend);
                     }
@@ -429,7 +429,7 @@ impl ClusterOwner {
                                 crate::metrics::handles().js_acks_pending.increment(1.0);
                                 // After a failure earlier in this batch the rest wait
                                 // their turn to be sent again, in order.
-                                let token = match resend {
+                                let slot = match resend {
                                     Some(_) => None,
                                     None => {
                                         let (slot, reply) = replies.take();
@@ -446,11 +446,11 @@ impl ClusterOwner {
                                     id,
                                     stored,
                                     at: p.received,
-                                    token,
+                                    slot,
                                     sent_at: now,
                                     seq: None,
                                 });
-                                if token.is_none() && resend.is_none() {
+                                if slot.is_none() && resend.is_none() {
                                     self.start_resend(&mut replies, &mut sent, &mut resend);
                                 }
                             }
@@ -482,13 +482,13 @@ impl ClusterOwner {
         // Shutting down: wait (up to `ack_timeout_ms`) for what is on its way, so the
         // readings a producer sent before 1001 are not left in doubt.
         let until = tokio::time::Instant::now() + ack_timeout;
-        while sent.iter().any(|s| s.token.is_some()) {
-            let Ok((token, ack)) = tokio::time::timeout_at(until, replies.acks.next()).await else {
+        while sent.iter().any(|s| s.slot.is_some()) {
+            let Ok((slot, ack)) = tokio::time::timeout_at(until, replies.acks.next()).await else {
                 break;
             };
-            replies.slots.answered(token);
-            if let Some(s) = sent.iter_mut().find(|s| s.token == Some(token)) {
-                s.token = None;
+            replies.slots.answered(slot);
+            if let Some(s) = sent.iter_mut().find(|s| s.slot == Some(slot)) {
+                s.slot = None;
                 if let Ack::Stored(seq) = ack {
                     s.seq = Some(seq);
                 }
@@ -697,17 +697,17 @@ impl ClusterOwner {
         &mut self,
         js: &JsStream,
         replies: &mut Replies,
-        token: u64,
+        slot: u64,
         ack: Ack,
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
-        replies.slots.answered(token);
+        replies.slots.answered(slot);
         // Usually the front; none for a publish given up on (its reading is sent again).
-        let Some(i) = sent.iter().position(|s| s.token == Some(token)) else {
+        let Some(i) = sent.iter().position(|s| s.slot == Some(slot)) else {
             return;
         };
-        sent[i].token = None;
+        sent[i].slot = None;
         match ack {
             Ack::Stored(seq) => {
                 sent[i].seq = Some(seq);
@@ -745,7 +745,7 @@ impl ClusterOwner {
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
-        sent[i].token = None;
+        sent[i].slot = None;
         if resend.is_none() {
             self.start_resend(replies, sent, resend);
         } else {
@@ -763,7 +763,7 @@ impl ClusterOwner {
     ) {
         // Acks still coming are ignored: the read-back says what was stored.
         for s in sent.iter_mut() {
-            s.token = None;
+            s.slot = None;
             s.seq = None;
         }
         replies.stale = true;
@@ -827,10 +827,10 @@ impl ClusterOwner {
             *resend = None;
             return;
         };
-        let (token, reply) = replies.take();
+        let (slot, reply) = replies.take();
         match js.publish(front.stored.clone(), reply, Some(last)).await {
             Ok(()) => {
-                front.token = Some(token);
+                front.slot = Some(slot);
                 front.sent_at = Instant::now();
                 r.at = None;
             }

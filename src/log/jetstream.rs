@@ -154,9 +154,9 @@ impl Ack {
 
 impl Acks {
     /// The reply subject of the publish holding `slot`.
-    pub fn reply(&self, token: u64) -> Subject {
+    pub fn reply(&self, slot: u64) -> Subject {
         let mut digits = itoa::Buffer::new();
-        let digits = digits.format(token);
+        let digits = digits.format(slot);
         let mut reply = String::with_capacity(self.prefix.len() + 1 + digits.len());
         reply.push_str(&self.prefix);
         reply.push('.');
@@ -164,17 +164,17 @@ impl Acks {
         Subject::from(reply)
     }
 
-    /// The next ack: the token of the publish it answers, and the answer. Never ends (a
+    /// The next ack: the slot of the publish it answers, and the answer. Never ends (a
     /// subscription that closed with its client waits forever: the owner's ack timeout
     /// takes over).
     pub async fn next(&mut self) -> (u64, Ack) {
         while let Some(m) = self.sub.next().await {
-            let token = m
+            let slot = m
                 .subject
                 .rsplit_once('.')
                 .and_then(|(_, t)| t.parse::<u64>().ok());
-            if let Some(token) = token {
-                return (token, Ack::parse(m.status, &m.payload));
+            if let Some(slot) = slot {
+                return (slot, Ack::parse(m.status, &m.payload));
             }
         }
         std::future::pending().await
