@@ -29,7 +29,7 @@
 # SENSORGATE=path measures another build of the server; M10K=n readings per producer in the
 # 10,000/s runs, default 25000 = 10 s; DUMP_DIR=dir keeps every reading's latency per run
 # (needs loadtest/wsbench-dump.patch on top of the others) and the nats-servers' GC trace,
-# for loadtest/stalls.py)
+# for loadtest/stalls.py; GATEWAY_CPU=1 adds jsdevb, below)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
@@ -146,8 +146,13 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   [[ "$name" =~ ${ONLY:-.} ]] || return 0
   case $name in
     "js "*) bench_streams one ;;
-    "jsdev "* | "jsdevu "*) bench_streams per-producer ;;
+    "jsdev "* | "jsdevu "* | "jsdevb "*) bench_streams per-producer ;;
   esac
+  local burner=""
+  if [[ "$name" == "jsdevb "* ]]; then
+    "$LOAD" burn --workers 3 --duty 10 --period-us 200 --duration $((M10K / 2500 + 2)) >/dev/null &
+    burner=$!
+  fi
   local n0 s0 e0 h0
   n0=$(ticks $NATS_PIDS) s0=$(ticks $NODE_PIDS) e0=$(ticks $EMB_PID) h0=$(ticks $HAPROXY_PID)
   local dump=""
@@ -158,13 +163,14 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
     date +%s.%N >"$dump.start"
   fi
   WSBENCH_DUMP=$dump "$W" --timeout-s 600 --tag "$name" "$@" 2>>"$WORK/wsbench.err" >"$WORK/last.txt" || echo "$name failed (exit $?)"
+  [ -n "$burner" ] && wait "$burner"
   cat "$WORK/last.txt"
   sed "s/^/round=$r /" "$WORK/last.txt" >>"$WORK/runs.txt"
   local hz
   hz=$(getconf CLK_TCK)
   echo "  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
   case $name in
-    "js "* | "jsdev "* | "jsdevu "*) drop_bench_streams ;;
+    "js "* | "jsdev "* | "jsdevu "* | "jsdevb "*) drop_bench_streams ;;
     "cluster "*) drop_dev_streams ;;
   esac
 }
@@ -184,6 +190,12 @@ for r in $(seq 1 "$ROUNDS"); do
   if [ -n "${UNIQUE_ACK:-}" ]; then
     WSBENCH_UNIQUE_ACK=1 run "jsdevu 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M10K" --rate 2500
   fi
+  # GATEWAY_CPU=1: jsdev again beside `sensorgate-load burn` taking about the CPU the nodes
+  # and haproxy take at this rate (3 threads x 10 % of every 200 us), which separates the
+  # gateway's path from the CPU it takes from the engine on a shared machine.
+  if [ -n "${GATEWAY_CPU:-}" ]; then
+    run "jsdevb 10k/s" --broker nats-ws --url ws://127.0.0.1:17580 --js 'BENCH{t}' -P 4 -C 4 -M "$M10K" --rate 2500
+  fi
   fresh_devs
   run "cluster 10k/s" --broker sg --url http://127.0.0.1:18080 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M10K" --rate 2500
   fresh_devs
@@ -191,7 +203,8 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 # The issue's two ratios per round (cluster against JetStream, same run, same client) and
 # their medians: throughput as fast as possible (target >= 0.8) and p99 at 10,000/s
-# (target <= 1.5), against one stream (js) and a stream per producer (jsdev).
+# (target <= 1.5), against one stream (js), a stream per producer (jsdev), and with
+# GATEWAY_CPU=1 a stream per producer beside the gateway's CPU share taken by busy-loops (jsdevb).
 touch "$WORK/runs.txt"
 python3 - "$WORK/runs.txt" <<'EOF'
 import re, statistics, sys
@@ -207,7 +220,7 @@ def ratios(load, idx, base):
             if (r, "cluster", load) in runs and (r, base, load) in runs]
 for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible", ">= 0.8", lambda x: x >= 0.8),
                                     ("10k/s", 1, "p99 at 10,000/s", "<= 1.5", lambda x: x <= 1.5)):
-    for base in ("js", "jsdev"):
+    for base in ("js", "jsdev", "jsdevb"):
         v = ratios(load, idx, base)
         if v:
             print(f"{what}, cluster / {base}: median {statistics.median(v):.2f} over {len(v)} rounds "

@@ -124,6 +124,31 @@ pub enum Scenario {
     /// appends whatever has arrived with one pwrite and one fdatasync, and reports each
     /// reading's arrival→synced latency. No server, no network.
     DiskFloor(DiskFloorArgs),
+    /// Take CPU from everything else on the machine, in short bursts as a busy server does:
+    /// each thread spins for `--duty` % of every `--period-us` and sleeps the rest. Shows
+    /// what another process's CPU share costs a system under test (BENCHMARKS.md, "Where the
+    /// cluster's p99 goes"). No network.
+    Burn(BurnArgs),
+}
+
+/// Options of `burn`.
+#[derive(Args, Debug, Clone)]
+pub struct BurnArgs {
+    /// Threads, each taking `--duty` % of a core.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+
+    /// Percent of each period spent spinning (1–100).
+    #[arg(long, default_value_t = 10)]
+    pub duty: u32,
+
+    /// Length of one spin-and-sleep period, in microseconds.
+    #[arg(long, default_value_t = 200)]
+    pub period_us: u64,
+
+    /// Seconds to run.
+    #[arg(long, short, default_value_t = 10.0)]
+    pub duration: f64,
 }
 
 /// Options of `disk-floor`.

@@ -29,12 +29,15 @@
 //! - `disk-floor`: no server; readings arrive at `--rate`, one thread (or `--lanes`) commits
 //!   them with a `pwrite` and an `fdatasync` each time: the disk's floor for strict mode's
 //!   latency.
+//! - `burn`: no server; `--workers` threads each spin `--duty` % of every `--period-us`, to
+//!   take a known CPU share from whatever else runs (one line: the CPU seconds it used).
 //!
 //! Output is a table on stdout (or one JSON object with `--json`) and a
 //! progress display on stderr when it is a terminal. Exit status: 0 when
 //! every check passed, 1 when a check failed, 2 when the run could not be
 //! carried out. Only loopback URLs are accepted unless `--allow-remote`.
 
+mod burn;
 mod check;
 mod cli;
 mod creds;
@@ -96,6 +99,10 @@ fn run(cli: Cli) -> Result<bool> {
     if let Scenario::DiskFloor(args) = &cli.scenario {
         return emit(disk_floor::run(args)?, common.json);
     }
+    if let Scenario::Burn(args) = &cli.scenario {
+        burn::run(args)?;
+        return Ok(true);
+    }
     let target = Target::parse(&common.url, common.allow_remote)?;
     let sources = creds::Sources {
         devs: &common.devs,
@@ -141,7 +148,7 @@ fn run(cli: Cli) -> Result<bool> {
                     emit(scenario::connections::run(&ctx, args).await?, common.json)
                 }
                 Scenario::Stomp(args) => emit(scenario::stomp::run(&ctx, args).await?, common.json),
-                Scenario::NullRelay(_) | Scenario::DiskFloor(_) => {
+                Scenario::NullRelay(_) | Scenario::DiskFloor(_) | Scenario::Burn(_) => {
                     Err(anyhow!("served before the runtime starts"))
                 }
             }
