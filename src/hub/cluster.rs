@@ -147,6 +147,19 @@ impl Replies {
         (slot as u64, self.subjects[slot].clone())
     }
 
+    /// The ack naming `slot` came back: frees the slot and returns which reading's publish
+    /// held it. None for an ack nobody waits for: a second one naming the slot, or one for a
+    /// publish given up on (its reading is sent again).
+    fn answer(&mut self, sent: &mut VecDeque<Sent>, slot: u64) -> Option<usize> {
+        if !self.slots.answered(slot) {
+            return None;
+        }
+        // Usually the front.
+        let i = sent.iter().position(|s| s.slot == Some(slot))?;
+        sent[i].slot = None;
+        Some(i)
+    }
+
     /// Moves to a fresh inbox (after a failure): acks still on their way to the old one are
     /// dropped with it, which the read-back makes up for. Tried once per failure: keeping
     /// the old inbox is still correct (an abandoned slot stays held), it only keeps those
@@ -486,12 +499,8 @@ impl ClusterOwner {
             let Ok((slot, ack)) = tokio::time::timeout_at(until, replies.acks.next()).await else {
                 break;
             };
-            replies.slots.answered(slot);
-            if let Some(s) = sent.iter_mut().find(|s| s.slot == Some(slot)) {
-                s.slot = None;
-                if let Ack::Stored(seq) = ack {
-                    s.seq = Some(seq);
-                }
+            if let (Some(i), Ack::Stored(seq)) = (replies.answer(&mut sent, slot), ack) {
+                sent[i].seq = Some(seq);
             }
             self.settle_front(&mut sent);
         }
@@ -702,12 +711,9 @@ impl ClusterOwner {
         sent: &mut VecDeque<Sent>,
         resend: &mut Option<Resend>,
     ) {
-        replies.slots.answered(slot);
-        // Usually the front; none for a publish given up on (its reading is sent again).
-        let Some(i) = sent.iter().position(|s| s.slot == Some(slot)) else {
+        let Some(i) = replies.answer(sent, slot) else {
             return;
         };
-        sent[i].slot = None;
         match ack {
             Ack::Stored(seq) => {
                 sent[i].seq = Some(seq);
