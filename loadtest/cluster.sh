@@ -77,8 +77,8 @@ for i in 1 2 3; do wait_http "http://127.0.0.1:1822$i/healthz"; done
 # JetStream is measured on streams shaped as a developer's (R3, file storage), laid out two
 # ways: `js` runs on one stream BENCH for all four producers' subjects (bench.0 … bench.3),
 # `jsdev` on one stream per producer (BENCH0 … BENCH3), as sensorgate lays out one stream per
-# developer. The two layouts overlap in subjects, and every run starts on empty streams, so
-# each run first deletes the streams and makes its own.
+# developer. The two layouts overlap in subjects, so each run makes its own and deletes them
+# after.
 js_api() { # SUBJECT JSON: one JetStream API request through n1, waits for its reply
   exec 3<>/dev/tcp/127.0.0.1/14221
   printf 'CONNECT {"verbose":false}\r\nSUB _bench.api 1\r\nPUB %s _bench.api %d\r\n%s\r\nPING\r\n' \
@@ -93,8 +93,7 @@ drop_bench_streams() {
   js_api '$JS.API.STREAM.DELETE.BENCH' ''
   for t in 0 1 2 3; do js_api "\$JS.API.STREAM.DELETE.BENCH$t" ''; done
 }
-bench_streams() { # one | per-producer: empty streams in that layout, the others deleted
-  drop_bench_streams
+bench_streams() { # one | per-producer: empty streams in that layout (the run before deleted its own)
   if [ "$1" = one ]; then
     js_api '$JS.API.STREAM.CREATE.BENCH' "$(stream_json BENCH 'bench.>')"
   else
