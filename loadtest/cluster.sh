@@ -26,7 +26,8 @@
 # applied (`--js 'BENCH{t}'` names a stream per topic; without it the jsdev runs fail):
 #   cp -r ../shared/bench/wsbench /tmp/wsbench && patch -d /tmp/wsbench -p1 < loadtest/wsbench-stream-per-topic.patch
 # Usage: loadtest/cluster.sh [ROUNDS] [MESSAGES_PER_PRODUCER]   (ONLY=regex picks runs by name;
-# SENSORGATE=path measures another build of the server; M10K=n readings per producer in the
+# SENSORGATE=path measures another build of the server; NODE_WORKERS=n worker threads per
+# cluster node (default 1, see below); M10K=n readings per producer in the
 # 10,000/s runs, default 25000 = 10 s; DUMP_DIR=dir keeps every reading's latency per run
 # (needs loadtest/wsbench-dump.patch on top of the others) and the nats-servers' GC trace,
 # for loadtest/stalls.py; GATEWAY_CPU=1 adds jsdevb, below)
@@ -107,8 +108,11 @@ devs=""
 for d in $(seq 0 $((16 * ROUNDS + 3))); do devs="$devs[[developers]]\nid = \"d$d\"\napi_key = \"k$d\"\n"; done
 printf 'token_secret = "bench-secret-0123456789abcdef0123456789"\nmax_connections = 8000\n[cluster]\nnats_urls = ["nats://127.0.0.1:14221", "nats://127.0.0.1:14222", "nats://127.0.0.1:14223"]\nstream_replicas = 3\n'"$devs" >"$WORK/node.toml"
 printf "$devs" >"$WORK/embedded.toml"
+# Three nodes share the two cores with three nats-servers, so each runs one worker: an idle
+# second worker woken for each message costs a context switch (BENCHMARKS.md, "Cluster").
+# NODE_WORKERS=0 gives each node one per core, the default.
 for i in 1 2 3; do
-  SENSORGATE_LOG=warn "$SG" --config "$WORK/node.toml" --listen 127.0.0.1:1808$i --data-dir "$WORK/sg$i" 2>"$WORK/sg$i.log" &
+  SENSORGATE_WORKER_THREADS=${NODE_WORKERS:-1} SENSORGATE_LOG=warn "$SG" --config "$WORK/node.toml" --listen 127.0.0.1:1808$i --data-dir "$WORK/sg$i" 2>"$WORK/sg$i.log" &
   NODE_PIDS="${NODE_PIDS:-} $!"
 done
 SENSORGATE_LOG=warn "$SG" --config "$WORK/embedded.toml" --listen 127.0.0.1:18090 --data-dir "$WORK/emb" 2>"$WORK/emb.log" &

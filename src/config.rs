@@ -146,6 +146,10 @@ impl StompRule {
     }
 }
 
+/// Most `worker_threads`: past this a typo (an extra zero) would spend memory on stacks
+/// and time on wake-ups for nothing.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The effective configuration. Field names are the TOML keys and, upper-cased with the
 /// `SENSORGATE_` prefix, the environment variables.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -214,6 +218,10 @@ pub struct Config {
     pub token_secret: Option<String>,
     /// Log lines as JSON instead of text.
     pub log_json: bool,
+    /// Threads running connections and the hub (0: one per core the process may use, which
+    /// counts a container's CPU quota). Fewer suit a node sharing its cores with other
+    /// busy processes, where every idle worker woken for a message costs a context switch.
+    pub worker_threads: usize,
     /// STOMP: the heart-beat the server offers both ways in CONNECTED (0: none). The
     /// negotiated rates follow the spec's max() rule; a client silent for twice its rate
     /// is closed.
@@ -440,6 +448,7 @@ impl Default for Config {
             submit_rate_per_s: 0,
             token_secret: None,
             log_json: false,
+            worker_threads: 0,
             stomp_heart_beat_ms: 10_000,
             stomp_max_headers: 64,
             stomp_max_header_line: 8192,
@@ -689,6 +698,12 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid(
+                "worker_threads",
+                format!("must be at most {MAX_WORKER_THREADS} (0: one per core)"),
+            ));
         }
         if !(-20..=19).contains(&self.commit_thread_nice) {
             return Err(invalid(

@@ -107,6 +107,7 @@ impl Server {
                 .map_err(dir_err)?,
         );
         metrics::handles();
+        metrics::worker_threads(tokio::runtime::Handle::current().metrics().num_workers());
 
         let hub = match &config.cluster {
             None => {

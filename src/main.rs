@@ -112,7 +112,11 @@ fn init_logging(json: bool) {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     init_logging(config.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -56,6 +56,7 @@ pub const TOKENS_MINTED: &str = "sensorgate_tokens_minted_total";
 pub const HTTP_REQUESTS: &str = "sensorgate_http_requests_total";
 pub const RSS_BYTES: &str = "sensorgate_process_resident_memory_bytes";
 pub const BUILD_INFO: &str = "sensorgate_build_info";
+pub const WORKER_THREADS: &str = "sensorgate_worker_threads";
 pub const STOMP_CONNECTIONS: &str = "sensorgate_stomp_connections";
 pub const STOMP_SUBSCRIPTIONS: &str = "sensorgate_stomp_subscriptions";
 pub const STOMP_FRAMES_IN: &str = "sensorgate_stomp_frames_in_total";
@@ -392,6 +393,10 @@ fn describe() {
     describe_counter!(TOKENS_MINTED, "Tokens minted over HTTP, by role");
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class");
     describe_gauge!(RSS_BYTES, Unit::Bytes, "Resident set size of the process");
+    describe_gauge!(
+        WORKER_THREADS,
+        "Threads of the async runtime running connections and the hub (worker_threads)"
+    );
     describe_gauge!(STOMP_CONNECTIONS, "Open STOMP connections");
     describe_gauge!(STOMP_SUBSCRIPTIONS, "STOMP subscriptions held");
     describe_counter!(STOMP_FRAMES_IN, "STOMP frames received, by command");
@@ -469,6 +474,11 @@ pub fn nats_event(event: &'static str) {
 /// Counts a key-value operation (`op` and `result` from closed sets in `log::cluster`).
 pub fn kv_operation(op: &'static str, result: &'static str) {
     metrics::counter!(KV_OPERATIONS, "op" => op, "result" => result).increment(1);
+}
+
+/// Records how many workers the runtime serving this process has.
+pub fn worker_threads(n: usize) {
+    metrics::gauge!(WORKER_THREADS).set(n as f64);
 }
 
 /// Renders the scrape, refreshing the gauges that are sampled rather than maintained.

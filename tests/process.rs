@@ -249,6 +249,32 @@ async fn strict_mode_raises_the_commit_threads_priority_and_fast_mode_does_not()
     }
 }
 
+/// `worker_threads` sets the runtime's workers, and the scrape says how many a node runs;
+/// 0 (the default) is one per core the process may use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_sets_the_runtimes_workers_and_metrics_show_them() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    // 3 differs from the core count of the machines this runs on (2 here), and 1 from any
+    // machine with more than one core: a setting that is ignored shows.
+    for (setting, want) in [
+        ("worker_threads = 3", 3),
+        ("worker_threads = 1", 1),
+        ("", cores),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let cfg = write_config(dir.path(), port, setting);
+        let server = Process::start(&cfg, port).await;
+        let scrape = http(server.addr, "GET", "/metrics", &[]).await.1;
+        assert_eq!(
+            metric(&scrape, "sensorgate_worker_threads"),
+            want as f64,
+            "with `{setting}`"
+        );
+        server.signal("TERM");
+    }
+}
+
 #[test]
 fn invalid_config_is_one_line_naming_the_key_and_exit_64() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,6 +284,7 @@ fn invalid_config_is_one_line_naming_the_key_and_exit_64() {
         ("listen = \"nowhere\"", "listen"),
         ("max_frame_bytes = \"big\"", "max_frame_bytes"),
         ("no_such_key = 1", "no_such_key"),
+        ("worker_threads = 100000", "worker_threads"),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
