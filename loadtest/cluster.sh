@@ -12,7 +12,9 @@
 # each as fast as possible and at 10,000 readings/s (4 producers x 2,500/s), plus
 # sensorgate-load relay through haproxy and against the embedded node. At the end it prints,
 # per round and as medians, the cluster's throughput and its p99 at 10,000/s as ratios to
-# JetStream's in the same round (issue 12's targets: >= 0.8 and <= 1.5).
+# JetStream's in the same round (issue 12's targets: >= 0.8 and <= 1.5), and the CPU the
+# nodes (and haproxy) used at 10,000/s over the nats-servers' for the same readings (the
+# issue's "at most a fifth of the engine").
 # Every run starts on empty streams and leaves none behind: the JetStream runs make theirs
 # just before and delete them after, and each sensorgate run takes four developers no run
 # used before, whose streams are deleted after it. JetStream's latency depends on how much a
@@ -171,7 +173,10 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   sed "s/^/round=$r /" "$WORK/last.txt" >>"$WORK/runs.txt"
   local hz
   hz=$(getconf CLK_TCK)
-  echo "  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
+  local cpu
+  cpu="  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
+  echo "$cpu"
+  echo "round=$r tag=$name$cpu" >>"$WORK/runs.txt"
   case $name in
     "js "* | "jsdev "* | "jsdevu "* | "jsdevb "*) drop_bench_streams ;;
     "cluster "*) drop_dev_streams ;;
@@ -221,6 +226,16 @@ def ratios(load, idx, base):
     return [runs[(r, "cluster", load)][idx] / runs[(r, base, load)][idx]
             for r in sorted({k[0] for k in runs})
             if (r, "cluster", load) in runs and (r, base, load) in runs]
+# What the gateway costs against the engine it runs on, in CPU for the same readings at
+# 10,000/s: the nodes, and the nodes with haproxy, over the nats-servers (issue 12's "at most
+# a fifth of the engine").
+cpu = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"round=(\d+) tag=cluster 10k/s\s+cpu_s nats=(\d+)e-2 nodes=(\d+)e-2 .*haproxy=(\d+)e-2", line)
+    if m:
+        r, nats, nodes, haproxy = map(int, m.groups())
+        if nats:
+            cpu[r] = (nodes / nats, (nodes + haproxy) / nats)
 for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible", ">= 0.8", lambda x: x >= 0.8),
                                     ("10k/s", 1, "p99 at 10,000/s", "<= 1.5", lambda x: x <= 1.5)):
     for base in ("js", "jsdev", "jsdevb"):
@@ -228,6 +243,11 @@ for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible",
         if v:
             print(f"{what}, cluster / {base}: median {statistics.median(v):.2f} over {len(v)} rounds "
                   f"({' / '.join(f'{x:.2f}' for x in v)}); {target} in {sum(map(ok, v))} of {len(v)}")
+if cpu:
+    for i, who in ((0, "nodes"), (1, "nodes and haproxy")):
+        v = [c[i] for _, c in sorted(cpu.items())]
+        print(f"CPU at 10,000/s, {who} / nats-servers: median {statistics.median(v):.3f} over {len(v)} rounds "
+              f"({' / '.join(f'{x:.3f}' for x in v)}); <= 0.2 in {sum(x <= 0.2 for x in v)} of {len(v)}")
 EOF
 if [ -n "${DUMP_DIR:-}" ]; then
   for i in 1 2 3; do grep '^gc ' "$WORK/nats$i.log" >"$DUMP_DIR/gc-n$i.txt" || true; done
