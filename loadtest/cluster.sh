@@ -149,10 +149,12 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   local name=$1
   shift
   [[ "$name" =~ ${ONLY:-.} ]] || return 0
+  local layout="" # the JetStream runs' streams, made here and deleted after the run
   case $name in
-    "js "*) bench_streams one ;;
-    "jsdev "* | "jsdevu "* | "jsdevb "*) bench_streams per-producer ;;
+    "js "*) layout=one ;;
+    "jsdev "* | "jsdevu "* | "jsdevb "*) layout=per-producer ;;
   esac
+  [ -n "$layout" ] && bench_streams "$layout"
   local burner=""
   if [[ "$name" == "jsdevb "* ]]; then
     "$LOAD" burn --workers 3 --duty 10 --period-us 200 --duration $((M10K / 2500 + 2)) >/dev/null &
@@ -177,10 +179,11 @@ run() { # NAME ARGS...: one wsbench line, tagged, with the CPU seconds each grou
   cpu="  cpu_s nats=$(( ($(ticks $NATS_PIDS) - n0) * 100 / hz ))e-2 nodes=$(( ($(ticks $NODE_PIDS) - s0) * 100 / hz ))e-2 embedded=$(( ($(ticks $EMB_PID) - e0) * 100 / hz ))e-2 haproxy=$(( ($(ticks $HAPROXY_PID) - h0) * 100 / hz ))e-2"
   echo "$cpu"
   echo "round=$r tag=$name$cpu" >>"$WORK/runs.txt"
-  case $name in
-    "js "* | "jsdev "* | "jsdevu "* | "jsdevb "*) drop_bench_streams ;;
-    "cluster "*) drop_dev_streams ;;
-  esac
+  if [ -n "$layout" ]; then
+    drop_bench_streams
+  elif [[ "$name" == "cluster "* ]]; then
+    drop_dev_streams
+  fi
 }
 for r in $(seq 1 "$ROUNDS"); do
   echo "# round $r"
