@@ -172,7 +172,7 @@ impl Acks {
             let slot = m
                 .subject
                 .rsplit_once('.')
-                .and_then(|(_, t)| t.parse::<u64>().ok());
+                .and_then(|(_, slot)| slot.parse::<u64>().ok());
             if let Some(slot) = slot {
                 return (slot, Ack::parse(m.status, &m.payload));
             }
