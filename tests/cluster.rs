@@ -415,3 +415,72 @@ async fn readings_whose_acks_are_lost_are_stored_once() {
             .join("\n")
     );
 }
+
+/// Every server stores a developer's stream in blocks of at most 4 MiB, so none grows a
+/// block's write buffer from 4 to 8 MiB, a step all replicas took at once and the largest
+/// stall of a run (`BLOCK_SIZE_HINT` in src/log/jetstream.rs). 640 readings of 8,000 bytes
+/// fill more than one such block on each of the three servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_stores_a_developer_stream_in_blocks_of_at_most_4_mib() {
+    const READINGS: usize = 640;
+    const MIB: u64 = 1024 * 1024;
+    let nats = NatsCluster::start(3).await;
+    let node = TestServer::start_with(|c| node_config(c, nats.urls(), 3)).await;
+    let mut consumer = node.consumer().await;
+    let mut producer = node.producer("walker").await;
+    let blob = "x".repeat(8000);
+    for i in 1..=READINGS {
+        producer
+            .submit("BLOB", &format!(r#"{{"n":{i},"b":"{blob}"}}"#))
+            .await;
+    }
+    for seq in 1..=READINGS as u64 {
+        assert_eq!(dispatch(&consumer.recv().await).0, seq);
+    }
+    let stored = (READINGS * 8000) as u64;
+    for i in 1..=3 {
+        let store = nats.dir.path().join(format!("n{i}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let blocks = loop {
+            let blocks = stream_blocks(&store, &format!("SG_{DEV}"));
+            if blocks.iter().sum::<u64>() >= stored {
+                break blocks;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n{i} holds {} of the stream's bytes",
+                blocks.iter().sum::<u64>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(blocks.len() >= 2, "n{i}: {blocks:?}");
+        assert!(
+            blocks.iter().all(|&b| b <= 4 * MIB),
+            "n{i}: a block over 4 MiB: {blocks:?}"
+        );
+    }
+}
+
+/// The sizes of the message blocks (`msgs/*.blk`) of the stream `name` under a nats-server's
+/// store directory.
+fn stream_blocks(store: &std::path::Path, name: &str) -> Vec<u64> {
+    let mut dirs = vec![store.to_path_buf()];
+    let mut sizes = Vec::new();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "blk")
+                && path.parent().and_then(|p| p.file_name()) == Some("msgs".as_ref())
+                && path.ancestors().nth(2).and_then(|p| p.file_name()) == Some(name.as_ref())
+            {
+                sizes.push(entry.metadata().map(|m| m.len()).unwrap_or(0));
+            }
+        }
+    }
+    sizes
+}

@@ -52,6 +52,22 @@ pub fn stream_name(developer: &str) -> String {
     format!("SG_{developer}")
 }
 
+/// A per-subject limit no stream reaches (a node would have to publish 2^63 readings), set
+/// for what it makes nats-server do: a stream with a per-subject limit and no `max_bytes` or
+/// `max_msgs` is stored in 4 MiB blocks, as a key-value bucket is (`autoTuneFileStorageBlockSize`
+/// in its `server/stream.go`), instead of the 8 MiB blocks of a plain stream. Each server
+/// grows the block it writes through buffers of 256 KiB, 1, 4 and 8 MiB, copying it into the
+/// next at each step; the step from 4 to 8 MiB (allocate and zero 8 MiB, copy 4) came on all
+/// three replicas of a stream at once and was the largest stall of a run at 10,000/s
+/// (BENCHMARKS.md, "Where the cluster's p99 goes"). A 4 MiB block never takes that step, and a
+/// server holds at most 4 MiB of write cache per developer stream being written instead of 8.
+/// With `retention_max_per_stream` set, nats-server sizes blocks from that count instead,
+/// taking every reading to be as large as the largest message it accepts (1 MiB unless
+/// configured), so 8 MiB for a count of 32 or more: the hint then changes nothing. `tests/cluster.rs` checks the
+/// blocks on disk, so a server that sizes them otherwise fails the tests instead of going
+/// unnoticed.
+const BLOCK_SIZE_HINT: i64 = i64::MAX;
+
 /// How long one request of a read-back may take before the read-back starts over.
 const READ_BACK_STEP: Duration = Duration::from_millis(1000);
 
@@ -309,6 +325,7 @@ impl JetStream {
             max_age: Duration::from_secs(self.retention.max_age_s),
             max_messages: self.retention.max_per_stream as i64,
             discard: stream::DiscardPolicy::Old,
+            max_messages_per_subject: BLOCK_SIZE_HINT,
             ..Default::default()
         };
         self.js
