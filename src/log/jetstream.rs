@@ -59,8 +59,8 @@ pub fn stream_name(developer: &str) -> String {
 /// grows the block it writes through buffers of 256 KiB, 1, 4 and 8 MiB, copying it into the
 /// next at each step; the step from 4 to 8 MiB (allocate and zero 8 MiB, copy 4) came on all
 /// three replicas of a stream at once and was the largest stall of a run at 10,000/s
-/// (BENCHMARKS.md, "Where the cluster's p99 goes"). A 4 MiB block never takes that step, and a
-/// server holds at most 4 MiB of write cache per developer stream being written instead of 8.
+/// (BENCHMARKS.md, "Where the cluster's p99 goes"). A 4 MiB block never takes that step, and
+/// the block a server is writing holds at most 4 MiB of cache instead of 8, per developer.
 /// With `retention_max_per_stream` set, nats-server sizes blocks from that count instead,
 /// taking every reading to be as large as the largest message it accepts (1 MiB unless
 /// configured), so 8 MiB for a count of 32 or more: the hint then changes nothing. `tests/cluster.rs` checks the
