@@ -54,18 +54,15 @@ pub fn stream_name(developer: &str) -> String {
 
 /// A per-subject limit no stream reaches (a node would have to publish 2^63 readings), set
 /// for what it makes nats-server do: a stream with a per-subject limit and no `max_bytes` or
-/// `max_msgs` is stored in 4 MiB blocks, as a key-value bucket is (`autoTuneFileStorageBlockSize`
-/// in its `server/stream.go`), instead of the 8 MiB blocks of a plain stream. Each server
-/// grows the block it writes through buffers of 256 KiB, 1, 4 and 8 MiB, copying it into the
-/// next at each step; the step from 4 to 8 MiB (allocate and zero 8 MiB, copy 4) came on all
-/// three replicas of a stream at once and was the largest stall of a run at 10,000/s
-/// (BENCHMARKS.md, "Where the cluster's p99 goes"). A 4 MiB block never takes that step, and
-/// the block a server is writing holds at most 4 MiB of cache instead of 8, per developer.
-/// With `retention_max_per_stream` set, nats-server sizes blocks from that count instead,
-/// taking every reading to be as large as the largest message it accepts (1 MiB unless
-/// configured), so 8 MiB for a count of 32 or more: the hint then changes nothing. `tests/cluster.rs` checks the
-/// blocks on disk, so a server that sizes them otherwise fails the tests instead of going
-/// unnoticed.
+/// `max_msgs` is stored in 4 MiB blocks, as a key-value bucket is (`server/stream.go`,
+/// `autoTuneFileStorageBlockSize`), instead of 8 MiB. A server grows the block it writes
+/// through buffers of 1, 4 and 8 MiB, copying it at each step; the step to 8 MiB came on all
+/// three replicas at once and was a run's largest stall (BENCHMARKS.md, "Developer streams in
+/// 4 MiB blocks"). A 4 MiB block never takes it, and holds half the cache while written.
+/// With `retention_max_per_stream` at 32 or more the server sizes blocks from that count
+/// (8 MiB), and a stream made before keeps its blocks: the hint then changes nothing.
+/// `tests/cluster.rs` checks the blocks on disk, so a server that sizes them otherwise fails
+/// the tests instead of going unnoticed.
 const BLOCK_SIZE_HINT: i64 = i64::MAX;
 
 /// How long one request of a read-back may take before the read-back starts over.
