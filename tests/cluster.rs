@@ -443,13 +443,13 @@ async fn every_server_stores_a_developer_stream_in_blocks_of_at_most_4_mib() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let blocks = loop {
             let blocks = stream_blocks(&store, &format!("SG_{DEV}"));
-            if blocks.iter().sum::<u64>() >= stored {
+            let held: u64 = blocks.iter().sum();
+            if held >= stored {
                 break blocks;
             }
             assert!(
                 Instant::now() < deadline,
-                "n{i} holds {} of the stream's bytes",
-                blocks.iter().sum::<u64>()
+                "n{i} holds {held} of the stream's bytes"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -461,26 +461,16 @@ async fn every_server_stores_a_developer_stream_in_blocks_of_at_most_4_mib() {
     }
 }
 
-/// The sizes of the message blocks (`msgs/*.blk`) of the stream `name` under a nats-server's
-/// store directory.
+/// The sizes of the message blocks of the stream `name` in a nats-server's store directory
+/// (`jetstream/<account>/streams/<name>/msgs/*.blk`; the servers here have no accounts, so
+/// everything is in the global one, `$G`).
 fn stream_blocks(store: &std::path::Path, name: &str) -> Vec<u64> {
-    let mut dirs = vec![store.to_path_buf()];
-    let mut sizes = Vec::new();
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if path.extension().is_some_and(|e| e == "blk")
-                && path.parent().and_then(|p| p.file_name()) == Some("msgs".as_ref())
-                && path.ancestors().nth(2).and_then(|p| p.file_name()) == Some(name.as_ref())
-            {
-                sizes.push(entry.metadata().map(|m| m.len()).unwrap_or(0));
-            }
-        }
-    }
-    sizes
+    let msgs = store.join("jetstream/$G/streams").join(name).join("msgs");
+    std::fs::read_dir(msgs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "blk"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .collect()
 }
