@@ -40,6 +40,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${1:-3}
 M=${2:-50000}
 RATE=${RATE:-10000}
+# Four producers share the rate evenly, so the rate a run is named for is the rate it sends.
+if ! [[ "$RATE" =~ ^[1-9][0-9]*$ ]] || [ $((RATE % 4)) != 0 ]; then
+  echo "RATE=$RATE: give a positive multiple of 4 (readings/s, four producers)" >&2
+  exit 64
+fi
 PER=$((RATE / 4)) # each of the four producers' share
 if [ $((RATE % 1000)) = 0 ]; then PACED="$((RATE / 1000))k/s"; else PACED="$RATE/s"; fi
 M10K=${M10K:-$((PER * 10))}
