@@ -225,8 +225,8 @@ for r in $(seq 1 "$ROUNDS"); do
   run "embedded $PACED" --broker sg --url http://127.0.0.1:18090 --sg-dev "$SGDEV" -P 4 -C 4 -M "$M10K" --rate "$PER"
 done
 # The issue's two ratios per round (cluster against JetStream, same run, same client) and
-# their medians: throughput as fast as possible (target >= 0.8) and p99 at 10,000/s
-# (target <= 1.5), against one stream (js), a stream per producer (jsdev), and with
+# their medians: throughput as fast as possible (target >= 0.8) and p99 at RATE (the
+# target, <= 1.5, is at 10,000/s), against one stream (js), a stream per producer (jsdev), and with
 # GATEWAY_CPU=1 a stream per producer beside the gateway's CPU share taken by busy-loops (jsdevb).
 touch "$WORK/runs.txt"
 python3 - "$WORK/runs.txt" "$PACED" "$RATE" <<'EOF'
@@ -238,12 +238,17 @@ for line in open(sys.argv[1]):
     if m and "status=ok" in line:
         r, per_s, p99, who, load = m.groups()
         runs[(int(r), who, load)] = (int(per_s), int(p99))
+def report(label, v, digits, target, ok):
+    """One summary line: the per-round values, their median, and how many meet the target."""
+    each = " / ".join(f"{x:.{digits}f}" for x in v)
+    print(f"{label}: median {statistics.median(v):.{digits}f} over {len(v)} rounds ({each}); "
+          f"{target} in {sum(map(ok, v))} of {len(v)}")
 def ratios(load, idx, base, who="cluster"):
     return [runs[(r, who, load)][idx] / runs[(r, base, load)][idx]
             for r in sorted({k[0] for k in runs})
             if (r, who, load) in runs and (r, base, load) in runs]
 # What the gateway costs against the engine it runs on, in CPU for the same readings at
-# 10,000/s: the nodes, and the nodes with haproxy, over the nats-servers (issue 12's "at most
+# RATE: the nodes, and the nodes with haproxy, over the nats-servers (issue 12's "at most
 # a fifth of the engine").
 cpu = {}
 for line in open(sys.argv[1]):
@@ -257,8 +262,7 @@ for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible",
     for base in ("js", "jsdev", "jsdevb"):
         v = ratios(load, idx, base)
         if v:
-            print(f"{what}, cluster / {base}: median {statistics.median(v):.2f} over {len(v)} rounds "
-                  f"({' / '.join(f'{x:.2f}' for x in v)}); {target} in {sum(map(ok, v))} of {len(v)}")
+            report(f"{what}, cluster / {base}", v, 2, target, ok)
 # The floor the p99 target leaves the gateway: JetStream alone laid out as sensorgate lays it
 # out (a stream per developer) against the one stream of `js`, which a gateway costing
 # nothing at all would score, and that beside the gateway's CPU share, which a gateway whose
@@ -266,13 +270,11 @@ for load, idx, what, target, ok in (("max", 0, "throughput as fast as possible",
 for who, what in (("jsdev", "a gateway costing nothing"), ("jsdevb", "a gateway costing only its CPU")):
     v = ratios(paced, 1, "js", who)
     if v:
-        print(f"p99 at {rate}, {who} / js ({what}): median {statistics.median(v):.2f} "
-              f"over {len(v)} rounds ({' / '.join(f'{x:.2f}' for x in v)}); <= 1.5 in {sum(x <= 1.5 for x in v)} of {len(v)}")
+        report(f"p99 at {rate}, {who} / js ({what})", v, 2, "<= 1.5", lambda x: x <= 1.5)
 if cpu:
     for i, who in ((0, "nodes"), (1, "nodes and haproxy")):
         v = [c[i] for _, c in sorted(cpu.items())]
-        print(f"CPU at {rate}, {who} / nats-servers: median {statistics.median(v):.3f} over {len(v)} rounds "
-              f"({' / '.join(f'{x:.3f}' for x in v)}); <= 0.2 in {sum(x <= 0.2 for x in v)} of {len(v)}")
+        report(f"CPU at {rate}, {who} / nats-servers", v, 3, "<= 0.2", lambda x: x <= 0.2)
 EOF
 if [ -n "${DUMP_DIR:-}" ]; then
   for i in 1 2 3; do grep '^gc ' "$WORK/nats$i.log" >"$DUMP_DIR/gc-n$i.txt" || true; done
